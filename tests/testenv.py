@@ -1,0 +1,17 @@
+"""Loaded with `-p` before pytest-django sets Django up: the environment the suite runs in.
+
+Tests isolate themselves from a developer's running services by their own database
+(pytest-django's test_ prefix), RabbitMQ vhost and Redis key prefix (fixtures in conftest).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("DJANGO_SECRET_KEY", "test-only-secret-key-not-for-production")
+os.environ.setdefault("DJANGO_DEBUG", "false")
+os.environ.setdefault("LOG_FORMAT", "console")
+os.environ.setdefault("LOG_LEVEL", "INFO")
+os.environ.setdefault("BYBIT_ENVIRONMENT", "simulator")
+# Scales every wait in the suite, for slow machines (as websockets' own tests do).
+os.environ.setdefault("WSGATEWAY_TESTS_TIMEOUT_FACTOR", "1")

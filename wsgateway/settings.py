@@ -1,0 +1,266 @@
+"""Settings for ws-gateway, read from the environment (django-environ).
+
+Every knob is listed in `.env.example`. A bad value stops start-up with one line naming the
+variable (ImproperlyConfigured); secrets have no production-valid default and are never logged.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import environ
+from django.core.exceptions import ImproperlyConfigured
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+env = environ.Env()
+if (BASE_DIR / ".env").is_file():
+    # The OS environment wins over the file (environ.Env.read_env does not overwrite).
+    environ.Env.read_env(BASE_DIR / ".env")
+
+BYBIT_ENVIRONMENTS = ("mainnet", "testnet", "demo", "simulator")
+LOG_FORMATS = ("json", "console")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def env_int(name: str, default: int, minimum: int = 0) -> int:
+    raw = env.str(name, default=str(default)).strip()
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ImproperlyConfigured(f"{name}={raw!r} is not an integer") from None
+    if value < minimum:
+        raise ImproperlyConfigured(f"{name}={value} is below the minimum {minimum}")
+    return value
+
+
+def env_float(name: str, default: float, minimum: float = 0.0) -> float:
+    raw = env.str(name, default=str(default)).strip()
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ImproperlyConfigured(f"{name}={raw!r} is not a number") from None
+    if value < minimum:
+        raise ImproperlyConfigured(f"{name}={value} is below the minimum {minimum}")
+    return value
+
+
+def env_bool(name: str, default: bool) -> bool:
+    raw = env.str(name, default=str(default)).strip().lower()
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off", ""):
+        return False
+    raise ImproperlyConfigured(f"{name}={raw!r} is not a boolean, use true or false")
+
+
+def env_choice(name: str, default: str, choices: tuple[str, ...], upper: bool = False) -> str:
+    raw = env.str(name, default=default).strip()
+    value = raw.upper() if upper else raw.lower()
+    if value not in choices:
+        raise ImproperlyConfigured(f"{name}={raw!r} is not one of {', '.join(choices)}")
+    return value
+
+
+def env_url(name: str, default: str, schemes: tuple[str, ...]) -> str:
+    """Return the URL in `name`, checked for scheme and host; the error never echoes it."""
+    raw = env.str(name, default=default).strip()
+    try:
+        parts = urlsplit(raw)
+        parts.port  # noqa: B018 - raises ValueError on a non-integer port
+    except ValueError:
+        raise ImproperlyConfigured(f"{name} is not a valid URL") from None
+    if parts.scheme not in schemes or not parts.hostname:
+        raise ImproperlyConfigured(
+            f"{name} must be a URL starting with {' or '.join(s + '://' for s in schemes)} "
+            "and naming a host"
+        )
+    return raw
+
+
+# Django core
+DEBUG = env_bool("DJANGO_DEBUG", False)
+SECRET_KEY = env.str("DJANGO_SECRET_KEY", default="")
+if not SECRET_KEY:
+    if not DEBUG:
+        raise ImproperlyConfigured("DJANGO_SECRET_KEY is not set (required unless DJANGO_DEBUG=true)")
+    SECRET_KEY = "insecure-development-only-key"
+ALLOWED_HOSTS = env.list("DJANGO_ALLOWED_HOSTS", default=["localhost", "127.0.0.1"])
+CSRF_TRUSTED_ORIGINS = env.list("DJANGO_CSRF_TRUSTED_ORIGINS", default=[])
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "rest_framework",
+    "django_filters",
+    "drf_spectacular",
+    "subscriptions",
+    "streaming",
+]
+
+MIDDLEWARE = [
+    "wsgateway.logging.RequestTraceMiddleware",
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "wsgateway.urls"
+WSGI_APPLICATION = "wsgateway.wsgi.application"
+ASGI_APPLICATION = "wsgateway.asgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+DATABASE_URL = env_url(
+    "DATABASE_URL", "postgres://postgres@127.0.0.1:5432/wsgateway", ("postgres", "postgresql", "pgsql")
+)
+DATABASES = {"default": env.db_url_config(DATABASE_URL)}
+DATABASES["default"]["CONN_MAX_AGE"] = env_int("DATABASE_CONN_MAX_AGE", 60)
+DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
+DATABASES["default"].setdefault("OPTIONS", {})["connect_timeout"] = env_int("DATABASE_CONNECT_TIMEOUT", 5, 1)
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+STATIC_URL = "static/"
+STATIC_ROOT = BASE_DIR / "staticfiles"
+
+# Services
+RABBITMQ_URL = env_url("RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672//", ("amqp", "amqps"))
+RABBITMQ_MANAGEMENT_URL = env.str("RABBITMQ_MANAGEMENT_URL", default="http://127.0.0.1:15672")
+if RABBITMQ_MANAGEMENT_URL:
+    RABBITMQ_MANAGEMENT_URL = env_url("RABBITMQ_MANAGEMENT_URL", RABBITMQ_MANAGEMENT_URL, ("http", "https"))
+REDIS_URL = env_url("REDIS_URL", "redis://127.0.0.1:6379/0", ("redis", "rediss", "unix"))
+# Every Redis key the project writes starts with this prefix (tests and shards isolate by it).
+REDIS_KEY_PREFIX = env.str("REDIS_KEY_PREFIX", default="ws-gateway:")
+HEALTH_CHECK_TIMEOUT = env_float("HEALTH_CHECK_TIMEOUT", 1.5, 0.1)
+
+# Web
+WS_GATEWAY_PORT = env_int("WS_GATEWAY_PORT", 4400, 1)
+if WS_GATEWAY_PORT > 65535:
+    raise ImproperlyConfigured(f"WS_GATEWAY_PORT={WS_GATEWAY_PORT} is not a TCP port")
+# The operator key acts for every service; empty disables it.
+WS_GATEWAY_API_KEY = env.str("WS_GATEWAY_API_KEY", default="")
+
+# Bybit
+BYBIT_ENVIRONMENT = env_choice("BYBIT_ENVIRONMENT", "simulator", BYBIT_ENVIRONMENTS)
+BYBIT_WS_URL = env.str("BYBIT_WS_URL", default="")
+if BYBIT_WS_URL:
+    BYBIT_WS_URL = env_url("BYBIT_WS_URL", BYBIT_WS_URL, ("ws", "wss")).rstrip("/")
+BYBIT_API_KEY = env.str("BYBIT_API_KEY", default="")
+BYBIT_API_SECRET = env.str("BYBIT_API_SECRET", default="")
+if bool(BYBIT_API_KEY) != bool(BYBIT_API_SECRET):
+    raise ImproperlyConfigured("BYBIT_API_KEY and BYBIT_API_SECRET must be set together")
+
+# Simulator (manage.py bybit_simulator, make demo)
+SIMULATOR_HOST = env.str("SIMULATOR_HOST", default="127.0.0.1")
+SIMULATOR_PORT = env_int("SIMULATOR_PORT", 8765, 0)
+SIMULATOR_SEED = env_int("SIMULATOR_SEED", 1)
+
+# Gateway (manage.py run_gateway)
+GATEWAY_PING_INTERVAL = env_float("GATEWAY_PING_INTERVAL", 20.0, 0.05)
+GATEWAY_DEAD_AFTER = env_float("GATEWAY_DEAD_AFTER", 45.0, 0.1)
+GATEWAY_CONNECT_TIMEOUT = env_float("GATEWAY_CONNECT_TIMEOUT", 10.0, 0.1)
+GATEWAY_BACKOFF_BASE = env_float("GATEWAY_BACKOFF_BASE", 0.5, 0.001)
+GATEWAY_BACKOFF_CAP = env_float("GATEWAY_BACKOFF_CAP", 30.0, 0.001)
+GATEWAY_HEALTHY_AFTER = env_float("GATEWAY_HEALTHY_AFTER", 60.0, 0.0)
+GATEWAY_CIRCUIT_FAILURES = env_int("GATEWAY_CIRCUIT_FAILURES", 5, 1)
+GATEWAY_CIRCUIT_WINDOW = env_float("GATEWAY_CIRCUIT_WINDOW", 60.0, 0.1)
+GATEWAY_CIRCUIT_COOLDOWN = env_float("GATEWAY_CIRCUIT_COOLDOWN", 60.0, 0.01)
+GATEWAY_RECONCILE_INTERVAL = env_float("GATEWAY_RECONCILE_INTERVAL", 5.0, 0.05)
+GATEWAY_HANDOFF_SIZE = env_int("GATEWAY_HANDOFF_SIZE", 50_000, 10)
+GATEWAY_CONFIRM_WINDOW = env_int("GATEWAY_CONFIRM_WINDOW", 2_000, 1)
+GATEWAY_LOCK_TTL = env_float("GATEWAY_LOCK_TTL", 5.0, 0.5)
+GATEWAY_STATUS_INTERVAL = env_float("GATEWAY_STATUS_INTERVAL", 1.0, 0.05)
+GATEWAY_STATUS_STALE_AFTER = env_float("GATEWAY_STATUS_STALE_AFTER", 5.0, 0.1)
+GATEWAY_MAX_FRAME_BYTES = env_int("GATEWAY_MAX_FRAME_BYTES", 4 * 1024 * 1024, 1024)
+
+# Queue retention per event class (x-max-length; 0 = unlimited). Market data drops the
+# oldest on overflow; private classes reject new messages so nothing is lost silently.
+QUEUE_MAX_LENGTH = {
+    "trade": env_int("QUEUE_MAX_LENGTH_TRADE", 100_000),
+    "ticker": env_int("QUEUE_MAX_LENGTH_TICKER", 10_000),
+    "orderbook": env_int("QUEUE_MAX_LENGTH_ORDERBOOK", 50_000),
+    "kline": env_int("QUEUE_MAX_LENGTH_KLINE", 10_000),
+    "liquidation": env_int("QUEUE_MAX_LENGTH_LIQUIDATION", 10_000),
+    "order": env_int("QUEUE_MAX_LENGTH_ORDER", 1_000_000),
+    "execution": env_int("QUEUE_MAX_LENGTH_EXECUTION", 1_000_000),
+    "position": env_int("QUEUE_MAX_LENGTH_POSITION", 1_000_000),
+    "balance": env_int("QUEUE_MAX_LENGTH_BALANCE", 1_000_000),
+}
+# x-message-ttl for market-data queues in ms (0 = none); private queues never expire messages.
+QUEUE_MARKET_TTL_MS = env_int("QUEUE_MARKET_TTL_MS", 0)
+
+# Monitoring
+MONITOR_BACKLOG_WARNING = env_int("MONITOR_BACKLOG_WARNING", 1_000)
+MONITOR_BACKLOG_CRITICAL = env_int("MONITOR_BACKLOG_CRITICAL", 10_000)
+MONITOR_RETENTION_WARNING = env_float("MONITOR_RETENTION_WARNING", 0.80)
+MONITOR_RETENTION_CRITICAL = env_float("MONITOR_RETENTION_CRITICAL", 0.95)
+MONITOR_STALE_SUBSCRIPTION_AFTER = env_float("MONITOR_STALE_SUBSCRIPTION_AFTER", 300.0)
+MONITOR_SAMPLE_RETENTION_HOURS = env_int("MONITOR_SAMPLE_RETENTION_HOURS", 24, 1)
+ALERT_WEBHOOK_URL = env.str("ALERT_WEBHOOK_URL", default="")
+if ALERT_WEBHOOK_URL:
+    ALERT_WEBHOOK_URL = env_url("ALERT_WEBHOOK_URL", ALERT_WEBHOOK_URL, ("http", "https"))
+
+# Celery: RabbitMQ broker, Redis results, JSON only.
+CELERY_BROKER_URL = RABBITMQ_URL
+CELERY_RESULT_BACKEND = env_url("CELERY_RESULT_BACKEND", REDIS_URL, ("redis", "rediss", "unix"))
+CELERY_ACCEPT_CONTENT = ["json"]
+CELERY_TASK_SERIALIZER = "json"
+CELERY_RESULT_SERIALIZER = "json"
+CELERY_RESULT_EXPIRES = 3600
+CELERY_TASK_TIME_LIMIT = 60
+CELERY_TASK_SOFT_TIME_LIMIT = 45
+CELERY_WORKER_HIJACK_ROOT_LOGGER = False
+CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+CELERY_TIMEZONE = "UTC"
+CELERY_BEAT_SCHEDULE: dict[str, dict] = {}
+
+# Logging
+LOG_LEVEL = env_choice("LOG_LEVEL", "INFO", LOG_LEVELS, upper=True)
+LOG_FORMAT = env_choice("LOG_FORMAT", "console" if DEBUG else "json", LOG_FORMATS)
+LOGGING_CONFIG = None  # wsgateway.logging configures logging once, below.
+
+REST_FRAMEWORK = {
+    "DEFAULT_AUTHENTICATION_CLASSES": ["subscriptions.authentication.ApiKeyAuthentication"],
+    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.LimitOffsetPagination",
+    "PAGE_SIZE": 50,
+    "DEFAULT_FILTER_BACKENDS": ["django_filters.rest_framework.DjangoFilterBackend"],
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "EXCEPTION_HANDLER": "subscriptions.views.exception_handler",
+}
+SPECTACULAR_SETTINGS = {
+    "TITLE": "ws-gateway API",
+    "DESCRIPTION": "Subscriptions to Bybit V5 streams, delivered through RabbitMQ.",
+    "VERSION": "1.0.0",
+    "SERVE_INCLUDE_SCHEMA": False,
+}
+
+from wsgateway.logging import configure_logging  # noqa: E402
+
+configure_logging(LOG_LEVEL, LOG_FORMAT)
