@@ -10,6 +10,7 @@ urlpatterns = [
     path("health", health.health_view, name="health"),
     path("admin/", admin.site.urls),
     path("api/v1/", include("subscriptions.urls")),
+    path("api/v1/", include("streaming.urls")),
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="docs"),
 ]
