@@ -109,3 +109,28 @@ class RequestTraceMiddleware:
             return response
         finally:
             structlog.contextvars.clear_contextvars()
+
+
+class LogThrottle:
+    """Allow one log line per `interval` seconds per key; count what was held back.
+
+    For hot paths (malformed frames, nacks): the first occurrence is logged at once, later
+    ones are summed into `suppressed` on the next line, so volume goes to counters.
+    """
+
+    def __init__(self, interval: float = 10.0, clock: Callable[[], float] | None = None) -> None:
+        import time
+
+        self.interval = interval
+        self.clock = clock or time.monotonic
+        self.next_at: dict[str, float] = {}
+        self.held: dict[str, int] = {}
+
+    def allow(self, key: str) -> int | None:
+        """Return the number of suppressed lines to report if a line may be logged now, else None."""
+        now = self.clock()
+        if now < self.next_at.get(key, 0.0):
+            self.held[key] = self.held.get(key, 0) + 1
+            return None
+        self.next_at[key] = now + self.interval
+        return self.held.pop(key, 0)

@@ -1,0 +1,173 @@
+"""Pure frame handling: one Bybit text frame -> control reply, or the envelopes to publish.
+
+Parsed once with orjson; no I/O, no settings. The envelope is the message body every consumer
+reads (README "Event contract"): `id` (dedupe key), `class`, `topic`, `category`, `symbol`,
+`type`, `exchange_ts`, `received_ts`, `trace_id`, Bybit's sequence fields `u`, `seq`, `cts`,
+and `data` exactly as Bybit sent it (for private topics: one item of Bybit's `data` list).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from subscriptions.topics import CHANNEL_BY_BYBIT, Channel
+
+# Per-category private topics ("order.linear") route like their plain form.
+PRIVATE_SUFFIXES = ("spot", "linear", "inverse", "option", "fast")
+
+
+@dataclass(slots=True)
+class Event:
+    """One message for RabbitMQ; `body` is the serialised envelope."""
+
+    id: str
+    trace_id: str
+    event_class: str
+    routing_key: str
+    body: bytes
+    private: bool
+    bybit_topic: str
+    received_ts: int
+
+
+@dataclass(slots=True)
+class Frame:
+    """What one frame turned out to be; exactly one of its parts is meaningful."""
+
+    events: list[Event] = field(default_factory=list)
+    control: dict[str, Any] | None = None
+    malformed: str = ""  # the reason, when the frame could not be used
+    topic: str = ""
+    parsed: dict[str, Any] | None = None  # the decoded data frame, for market state
+
+
+class Envelopes:
+    """Turns frames into events; owns the id counter so ids are unique within a run."""
+
+    def __init__(self, run_id: str | None = None) -> None:
+        # Ids are `<run>-<frame>-<item>`: unique across restarts, cheap to make, and the same
+        # when an unconfirmed event is re-published, so consumers can dedupe on `id`.
+        self.run_id = run_id or os.urandom(6).hex()
+        self.frame_no = 0
+
+    def handle(self, raw: str | bytes, category: str) -> Frame:
+        """Classify and wrap one frame received on a socket of `category` ("private" for the private one)."""
+        if isinstance(raw, bytes):
+            return Frame(malformed="binary frame")
+        try:
+            msg = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            return Frame(malformed="invalid JSON")
+        if not isinstance(msg, dict):
+            return Frame(malformed="not a JSON object")
+        topic = msg.get("topic")
+        if topic is None:
+            if "op" in msg or "success" in msg:
+                return Frame(control=msg)
+            return Frame(malformed="neither a data frame nor a control message")
+        if not isinstance(topic, str):
+            return Frame(malformed="topic is not a string")
+        self.frame_no += 1
+        trace_id = f"{self.run_id}-{self.frame_no}"
+        received_ts = time.time_ns() // 1_000_000
+        if category == "private":
+            return self.private_frame(msg, topic, trace_id, received_ts)
+        return self.public_frame(msg, topic, category, trace_id, received_ts)
+
+    def public_frame(self, msg: dict[str, Any], topic: str, category: str, trace_id: str, received_ts: int) -> Frame:
+        head, _, rest = topic.partition(".")
+        spec = CHANNEL_BY_BYBIT.get(head)
+        if spec is None or spec.private or not rest:
+            return Frame(malformed="unknown topic", topic=topic)
+        data = msg.get("data")
+        if data is None:
+            return Frame(malformed="missing data", topic=topic)
+        if spec.has_depth or spec.has_interval:
+            param, _, symbol = rest.partition(".")
+            if not symbol:
+                return Frame(malformed="unknown topic", topic=topic)
+            routing_key = f"{spec.event_class}.{category}.{symbol}.{param}"
+        else:
+            symbol = rest
+            routing_key = f"{spec.event_class}.{category}.{symbol}"
+        if spec.has_depth:
+            if not isinstance(data, dict):
+                return Frame(malformed="orderbook data is not an object", topic=topic)
+            u, seq = data.get("u"), data.get("seq")
+        else:
+            u, seq = None, msg.get("cs")
+        event_id = f"{trace_id}-0"
+        body = orjson.dumps(
+            {
+                "id": event_id,
+                "class": spec.event_class,
+                "topic": topic,
+                "category": category,
+                "symbol": symbol,
+                "type": msg.get("type", "snapshot"),
+                "exchange_ts": msg.get("ts"),
+                "received_ts": received_ts,
+                "trace_id": trace_id,
+                "u": u,
+                "seq": seq,
+                "cts": msg.get("cts"),
+                "data": data,
+            }
+        )
+        event = Event(event_id, trace_id, spec.event_class, routing_key, body, False, topic, received_ts)
+        return Frame(events=[event], topic=topic, parsed=msg)
+
+    def private_frame(self, msg: dict[str, Any], topic: str, trace_id: str, received_ts: int) -> Frame:
+        spec = private_channel(topic)
+        if spec is None:
+            return Frame(malformed="unknown topic", topic=topic)
+        items = msg.get("data")
+        if not isinstance(items, list):
+            return Frame(malformed="private data is not a list", topic=topic)
+        exchange_ts = msg.get("creationTime")
+        events = []
+        for index, item in enumerate(items):
+            if not isinstance(item, dict):
+                return Frame(malformed="private item is not an object", topic=topic)
+            if spec.event_class == "balance":
+                category, symbol = "", item.get("accountType")
+                routing_key = f"balance.{symbol}"
+            else:
+                category, symbol = item.get("category"), item.get("symbol")
+                routing_key = f"{spec.event_class}.{category}.{symbol}"
+            if not isinstance(symbol, str) or not symbol or not isinstance(category, str):
+                return Frame(malformed="private item without category, symbol or accountType", topic=topic)
+            event_id = f"{trace_id}-{index}"
+            body = orjson.dumps(
+                {
+                    "id": event_id,
+                    "class": spec.event_class,
+                    "topic": topic,
+                    "category": category,
+                    "symbol": symbol,
+                    "type": "snapshot",
+                    "exchange_ts": exchange_ts,
+                    "received_ts": received_ts,
+                    "trace_id": trace_id,
+                    "u": None,
+                    "seq": item.get("seq"),
+                    "cts": None,
+                    "bybit_id": msg.get("id"),
+                    "data": item,
+                }
+            )
+            events.append(Event(event_id, trace_id, spec.event_class, routing_key, body, True, topic, received_ts))
+        return Frame(events=events, topic=topic, parsed=msg)
+
+
+def private_channel(topic: str) -> Channel | None:
+    head, _, suffix = topic.partition(".")
+    spec = CHANNEL_BY_BYBIT.get(head)
+    if spec is None or not spec.private or (suffix and suffix not in PRIVATE_SUFFIXES):
+        return None
+    return spec

@@ -1,0 +1,160 @@
+"""The publisher delivers every event to RabbitMQ with confirms, through drops and outages."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from urllib.parse import quote, unquote, urlsplit
+
+import amqp
+import orjson
+import pytest
+
+from streaming.envelope import Event
+from streaming.publisher import PUBLISHER_CONNECTION_NAME, Handoff, Publisher, connect
+from subscriptions.topics import EXCHANGE
+from tests.conftest import management_api, wait_for
+
+
+def make_event(n: int, private: bool = False, size: int = 0, routing_key: str = "trade.linear.BTCUSDT") -> Event:
+    body = orjson.dumps({"id": f"run-{n}-0", "n": n, "pad": "x" * size})
+    return Event(f"run-{n}-0", f"run-{n}", "order" if private else "trade", routing_key, body, private, "t", 1_700_000_000_123)
+
+
+@pytest.fixture
+def channel(rabbit: str) -> Iterator[amqp.Channel]:
+    conn = connect(rabbit)
+    ch = conn.channel()
+    ch.exchange_declare(EXCHANGE, "topic", durable=True, auto_delete=False)
+    ch.declared = []  # type: ignore[attr-defined]
+    yield ch
+    for name in ch.declared:  # type: ignore[attr-defined]
+        ch.queue_delete(name)
+    conn.close()
+
+
+def declare(ch: amqp.Channel, name: str, key: str = "#", **arguments: object) -> None:
+    ch.queue_declare(name, durable=True, auto_delete=False, arguments=arguments or None)
+    ch.declared.append(name)  # type: ignore[attr-defined]
+    ch.queue_purge(name)
+    ch.queue_bind(name, EXCHANGE, key)
+
+
+def read_all(ch: amqp.Channel, queue: str, expected: int, timeout: float = 10) -> list[amqp.Message]:
+    """Consume until `expected` messages arrived (or fail after `timeout`)."""
+    got: list[amqp.Message] = []
+    ch.basic_qos(0, 1000, False)
+    tag = ch.basic_consume(queue, callback=got.append, no_ack=True)
+
+    def more() -> bool:
+        try:
+            while len(got) < expected:
+                ch.connection.drain_events(timeout=0.1)
+        except TimeoutError:
+            pass
+        return len(got) >= expected
+
+    wait_for(more, timeout, message=f"{expected} messages in {queue}")
+    ch.basic_cancel(tag)
+    return got
+
+
+def run_publisher(url: str, handoff: Handoff, **kwargs: object) -> Publisher:
+    publisher = Publisher(url, handoff, backoff_base=0.05, backoff_cap=0.2, **kwargs)
+    publisher.start()
+    return publisher
+
+
+def test_consumer_reads_the_envelope_and_properties(rabbit: str, channel: amqp.Channel) -> None:
+    """Body, message id, content type, persistence, timestamp and headers arrive as sent."""
+    declare(channel, "t.props")
+    handoff = Handoff(100)
+    handoff.put(make_event(1))
+    handoff.put(make_event(2, private=True, routing_key="order.linear.BTCUSDT"))
+    publisher = run_publisher(rabbit, handoff)
+    assert publisher.stop(10)
+    messages = sorted(read_all(channel, "t.props", 2), key=lambda m: m.properties["message_id"])
+    assert [orjson.loads(m.body)["n"] for m in messages] == [1, 2]
+    market, private = messages
+    assert market.properties["content_type"] == "application/json"
+    assert market.properties["delivery_mode"] == 1
+    assert private.properties["delivery_mode"] == 2
+    assert market.properties["message_id"] == "run-1-0"
+    assert market.properties["timestamp"] == 1_700_000_000
+    assert market.properties["application_headers"] == {"trace_id": "run-1", "class": "trade"}
+    assert private.delivery_info["routing_key"] == "order.linear.BTCUSDT"
+    assert publisher.confirmed == 2
+
+
+def test_body_larger_than_a_frame_arrives_whole(rabbit: str, channel: amqp.Channel) -> None:
+    """A 1 MB envelope is split across AMQP body frames and reassembled."""
+    declare(channel, "t.large")
+    handoff = Handoff(10)
+    handoff.put(make_event(1, size=1_000_000))
+    publisher = run_publisher(rabbit, handoff)
+    assert publisher.stop(10)
+    (message,) = read_all(channel, "t.large", 1)
+    assert len(orjson.loads(message.body)["pad"]) == 1_000_000
+
+
+def test_full_handoff_drops_oldest_market_data_and_keeps_private() -> None:
+    """Market events beyond the limit push out the oldest; private events are never dropped."""
+    handoff = Handoff(3)
+    for n in range(5):
+        handoff.put(make_event(n))
+    for n in range(100, 110):
+        handoff.put(make_event(n, private=True))
+    assert handoff.dropped == 2
+    taken = []
+    while (event := handoff.take()) is not None:
+        taken.append(orjson.loads(event.body)["n"])
+    assert taken == [*range(100, 110), 2, 3, 4]
+
+
+def test_full_private_queue_is_retried_not_dropped(rabbit: str, channel: amqp.Channel) -> None:
+    """RabbitMQ refuses publishes to a full reject-publish queue; the publisher keeps them."""
+    declare(channel, "t.reject", **{"x-max-length": 5, "x-overflow": "reject-publish"})
+    handoff = Handoff(10)
+    for n in range(12):
+        handoff.put(make_event(n, private=True))
+    publisher = run_publisher(rabbit, handoff)
+    wait_for(lambda: publisher.nacks >= 7, message="nacks from the full queue")
+    got = read_all(channel, "t.reject", 12, timeout=20)  # draining makes room for the retries
+    assert publisher.stop(10)
+    assert {orjson.loads(m.body)["n"] for m in got} == set(range(12))
+
+
+def close_publisher_connections(url: str) -> int:
+    """Close the publisher's AMQP connections through the management API; return how many."""
+    vhost = unquote(urlsplit(url).path[1:])
+    closed = 0
+    for conn in management_api(f"/vhosts/{quote(vhost, safe='')}/connections").json():
+        if conn.get("client_properties", {}).get("connection_name") == PUBLISHER_CONNECTION_NAME:
+            management_api(f"/connections/{quote(conn['name'], safe='')}", "DELETE", headers={"X-Reason": "test"})
+            closed += 1
+    return closed
+
+
+def test_forced_connection_close_loses_nothing(rabbit: str, channel: amqp.Channel) -> None:
+    """Closing the publisher's connection mid-stream: every event arrives, duplicates allowed."""
+    declare(channel, "t.outage", **{"x-max-length": 1_000_000})
+    handoff = Handoff(1_000_000)
+    publisher = run_publisher(rabbit, handoff, window=500)
+    fed = 0
+
+    def feed_and_close() -> bool:
+        nonlocal fed
+        for _ in range(50):
+            handoff.put(make_event(fed))
+            fed += 1
+        if publisher.reconnects == 0:
+            close_publisher_connections(rabbit)
+        return publisher.reconnects > 0 and publisher.connected
+
+    wait_for(feed_and_close, timeout=20, interval=0.01, message="the publisher's connection closed by the broker")
+    for _ in range(2000):
+        handoff.put(make_event(fed))
+        fed += 1
+    assert publisher.stop(30)
+    got = read_all(channel, "t.outage", fed, timeout=30)
+    assert {orjson.loads(m.body)["n"] for m in got} == set(range(fed))
+    assert publisher.republished > 0
