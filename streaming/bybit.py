@@ -1,0 +1,487 @@
+"""Bybit V5 WebSocket connections: endpoints, auth, heartbeat, subscriptions, reconnects.
+
+One `BybitSocket` holds one connection (public per category, or the private one) and keeps
+the topics it is told to want subscribed across reconnects. Frames are handed to the
+gateway's `on_frame` callback one by one; control replies come back here. A shared
+`CircuitBreaker` and `ConnectionBudget` keep all sockets polite to Bybit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import itertools
+import random
+import re
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+import structlog
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+
+log = structlog.get_logger(__name__)
+
+PUBLIC_CATEGORIES = ("spot", "linear", "inverse", "option")
+ENDPOINTS = {
+    # environment: (public base, private URL)
+    "mainnet": ("wss://stream.bybit.com/v5/public", "wss://stream.bybit.com/v5/private"),
+    "testnet": ("wss://stream-testnet.bybit.com/v5/public", "wss://stream-testnet.bybit.com/v5/private"),
+    # Demo trading has only private streams; its market data is mainnet's.
+    "demo": ("wss://stream.bybit.com/v5/public", "wss://stream-demo.bybit.com/v5/private"),
+}
+ARGS_PER_REQUEST = 10  # spot refuses more; batch at 10 everywhere, resubscribes included
+ARGS_CHARS_PER_CONNECTION = 21_000  # linear/inverse/option limit on one connection's args
+TOPICS_PER_CONNECTION = 200  # our own cap, so one socket never carries the whole market
+AUTH_EXPIRES_MARGIN_MS = 10_000  # pybit's 1 s fails on clock skew
+ALREADY_SUBSCRIBED = "already subscribed"
+TOPIC_IN_MESSAGE = re.compile(r"topic:([A-Za-z0-9._-]+)")
+
+
+def endpoints(environment: str, ws_url: str = "", simulator: tuple[str, int] = ("127.0.0.1", 8765)) -> tuple[str, str]:
+    """Return (public base, private URL); the public URL of a category is `{base}/{category}`."""
+    if ws_url:
+        return f"{ws_url}/v5/public", f"{ws_url}/v5/private"
+    if environment == "simulator":
+        base = f"ws://{simulator[0]}:{simulator[1]}"
+        return f"{base}/v5/public", f"{base}/v5/private"
+    return ENDPOINTS[environment]
+
+
+def auth_args(api_key: str, api_secret: str, now_ms: int | None = None) -> list[Any]:
+    """The `args` of Bybit's auth request: key, expires (ms), HMAC-SHA256 of GET/realtime+expires."""
+    expires = (now_ms if now_ms is not None else int(time.time() * 1000)) + AUTH_EXPIRES_MARGIN_MS
+    signature = hmac.new(api_secret.encode(), f"GET/realtime{expires}".encode(), hashlib.sha256).hexdigest()
+    return [api_key, expires, signature]
+
+
+def backoff_delay(attempt: int, base: float, cap: float) -> float:
+    """Exponential backoff with full jitter: uniform in [0, min(cap, base * 2**attempt)]."""
+    return random.uniform(0, min(cap, base * 2 ** min(attempt, 30)))
+
+
+def batches(topics: Iterable[str], size: int = ARGS_PER_REQUEST) -> Iterator[list[str]]:
+    items = sorted(topics)
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def fits(topics: Iterable[str], extra: str = "") -> bool:
+    """True if these topics (plus `extra`) stay within one connection's limits."""
+    items = [*topics, *([extra] if extra else [])]
+    return len(items) <= TOPICS_PER_CONNECTION and sum(len(t) for t in items) <= ARGS_CHARS_PER_CONNECTION
+
+
+class CircuitBreaker:
+    """Opens after `failures` consecutive connect failures within `window` s; one probe after `cooldown`."""
+
+    def __init__(self, failures: int, window: float, cooldown: float) -> None:
+        self.threshold = failures
+        self.window = window
+        self.cooldown = cooldown
+        self.state = "closed"
+        self.failures: deque[float] = deque()
+        self.opened_until = 0.0
+        self.probing = False
+        self.changed = asyncio.Condition()
+
+    async def acquire(self) -> None:
+        """Wait until a connection attempt is allowed."""
+        async with self.changed:
+            while True:
+                if self.state == "closed":
+                    return
+                if self.state == "open":
+                    remaining = self.opened_until - time.monotonic()
+                    if remaining > 0:
+                        try:
+                            await asyncio.wait_for(self.changed.wait(), remaining)
+                        except TimeoutError:
+                            pass
+                        continue
+                    self.state = "half_open"
+                    log.info("circuit.half_open")
+                if not self.probing:
+                    self.probing = True
+                    return
+                await self.changed.wait()
+
+    async def success(self) -> None:
+        async with self.changed:
+            if self.state != "closed":
+                log.info("circuit.closed")
+            self.state, self.probing = "closed", False
+            self.failures.clear()
+            self.changed.notify_all()
+
+    async def failure(self) -> None:
+        async with self.changed:
+            now = time.monotonic()
+            self.failures.append(now)
+            while self.failures and now - self.failures[0] > self.window:
+                self.failures.popleft()
+            if self.state == "half_open" or len(self.failures) >= self.threshold:
+                self.state, self.probing = "open", False
+                self.opened_until = now + self.cooldown
+                next_attempt = time.time() + self.cooldown
+                log.warning("circuit.open", failures=len(self.failures), next_attempt_at=round(next_attempt, 3))
+            self.changed.notify_all()
+
+    def snapshot(self) -> dict[str, Any]:
+        remaining = max(0.0, self.opened_until - time.monotonic()) if self.state == "open" else 0.0
+        return {
+            "state": self.state,
+            "recent_failures": len(self.failures),
+            "next_attempt_at": round(time.time() + remaining, 3) if self.state == "open" else None,
+        }
+
+
+class ConnectionBudget:
+    """Bybit asks for at most 500 new connections per 5 minutes; wait rather than exceed it."""
+
+    def __init__(self, limit: int = 500, period: float = 300.0) -> None:
+        self.limit = limit
+        self.period = period
+        self.attempts: deque[float] = deque()
+
+    async def acquire(self) -> None:
+        while True:
+            now = time.monotonic()
+            while self.attempts and now - self.attempts[0] > self.period:
+                self.attempts.popleft()
+            if len(self.attempts) < self.limit:
+                self.attempts.append(now)
+                return
+            wait = self.period - (now - self.attempts[0])
+            log.warning("bybit.connection_budget_exhausted", wait=round(wait, 1))
+            await asyncio.sleep(wait)
+
+
+@dataclass(frozen=True, slots=True)
+class SocketConfig:
+    ping_interval: float
+    dead_after: float
+    connect_timeout: float
+    backoff_base: float
+    backoff_cap: float
+    healthy_after: float
+    auth_retry: float  # seconds before retrying auth after Bybit rejected the credentials
+    max_frame_bytes: int
+
+
+class AuthRejected(Exception):
+    """Bybit refused the credentials; retrying at once would not help."""
+
+
+class DeadSocket(Exception):
+    """No frame and no pong within the dead window."""
+
+
+# Called with (socket, topics that Bybit confirmed) and (socket, topic, Bybit's ret_msg).
+AckCallback = Callable[["BybitSocket", list[str]], None]
+RejectCallback = Callable[["BybitSocket", str, str], None]
+FrameCallback = Callable[[str | bytes, "BybitSocket"], "dict[str, Any] | None"]
+
+
+class BybitSocket:
+    """One Bybit connection that keeps `desired` topics subscribed until stopped."""
+
+    def __init__(
+        self,
+        name: str,
+        url: str,
+        category: str,
+        config: SocketConfig,
+        breaker: CircuitBreaker,
+        budget: ConnectionBudget,
+        on_frame: FrameCallback,
+        on_ack: AckCallback,
+        on_reject: RejectCallback,
+        credentials: tuple[str, str] | None = None,
+    ) -> None:
+        self.name = name
+        self.url = url
+        self.category = category  # a public category, or "private"
+        self.config = config
+        self.breaker = breaker
+        self.budget = budget
+        self.on_frame = on_frame
+        self.on_ack = on_ack
+        self.on_reject = on_reject
+        self.credentials = credentials
+        self.desired: set[str] = set()
+        self.live: set[str] = set()
+        self.requests: dict[str, tuple[str, list[str]]] = {}  # req_id -> (op, topics)
+        self.req_ids = itertools.count(1)
+        self.kick = asyncio.Event()
+        self.stopping = asyncio.Event()
+        self.ws: ClientConnection | None = None
+        self.state = "idle"
+        self.reconnects = 0
+        self.last_frame_at: float | None = None  # time.time() of the last frame
+        self.last_frame_mono = 0.0
+        self.down_since: float | None = None
+        self.last_outage: dict[str, float] | None = None
+        self.last_error = ""
+        self.auth_error = ""
+
+    @property
+    def is_private(self) -> bool:
+        return self.category == "private"
+
+    def want(self, topics: set[str]) -> None:
+        """Replace the topics this socket should hold; the change is sent at once."""
+        self.desired = set(topics)
+        self.kick.set()
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "category": self.category,
+            "state": self.state,
+            "topics": len(self.live),
+            "wanted": len(self.desired),
+            "last_frame_at": self.last_frame_at,
+            "reconnects": self.reconnects,
+            "last_outage": self.last_outage,
+            "last_error": self.last_error,
+            "auth_error": self.auth_error,
+        }
+
+    async def run(self) -> None:
+        """Connect, subscribe, read; reconnect with backoff until `stop()`."""
+        attempt = 0
+        while not self.stopping.is_set():
+            self.state = "waiting_circuit" if self.breaker.state != "closed" else "connecting"
+            if not await self.until_stopped(self.breaker.acquire()):
+                break
+            await self.budget.acquire()
+            self.state = "connecting"
+            try:
+                ws = await asyncio.wait_for(
+                    connect(
+                        self.url,
+                        open_timeout=self.config.connect_timeout,
+                        ping_interval=None,  # Bybit's own op=ping heartbeat, below
+                        close_timeout=1,
+                        max_size=self.config.max_frame_bytes * 4,
+                        max_queue=None,
+                        compression=None,
+                    ),
+                    self.config.connect_timeout,
+                )
+            except (OSError, TimeoutError, InvalidHandshake, InvalidURI) as exc:
+                self.last_error = f"connect: {type(exc).__name__}: {exc}"[:200]
+                await self.breaker.failure()
+                delay = backoff_delay(attempt, self.config.backoff_base, self.config.backoff_cap)
+                attempt += 1
+                log.warning("bybit.connect_failed", socket=self.name, error=self.last_error, retry_in=round(delay, 3))
+                self.mark_down()
+                await self.pause(delay)
+                continue
+            await self.breaker.success()
+            connected_at = time.monotonic()
+            try:
+                await self.session(ws)
+            except AuthRejected:
+                await ws.close()
+                self.mark_down()
+                self.state = "auth_failed"
+                await self.pause(self.config.auth_retry)
+                continue
+            except (ConnectionClosed, OSError, TimeoutError, DeadSocket) as exc:
+                self.last_error = f"{type(exc).__name__}: {exc}"[:200]
+                log.warning("bybit.disconnected", socket=self.name, error=self.last_error)
+            finally:
+                self.ws = None
+                self.live.clear()
+                self.requests.clear()
+            if self.stopping.is_set():
+                break
+            self.mark_down()
+            if time.monotonic() - connected_at >= self.config.healthy_after:
+                attempt = 0
+            delay = backoff_delay(attempt, self.config.backoff_base, self.config.backoff_cap)
+            attempt += 1
+            log.info("bybit.reconnecting", socket=self.name, retry_in=round(delay, 3), attempt=attempt)
+            await self.pause(delay)
+        self.state = "stopped"
+
+    async def stop(self) -> None:
+        """Stop reading and close the connection cleanly."""
+        self.stopping.set()
+        if self.ws is not None:
+            await self.ws.close()
+
+    async def until_stopped(self, awaitable: Any) -> bool:
+        """Await `awaitable` unless stop comes first; return False if stopped."""
+        task = asyncio.ensure_future(awaitable)
+        stopper = asyncio.ensure_future(self.stopping.wait())
+        done, _ = await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        for pending in (task, stopper):
+            if pending not in done:
+                pending.cancel()
+        return task in done and not self.stopping.is_set()
+
+    async def pause(self, seconds: float) -> None:
+        try:
+            await asyncio.wait_for(self.stopping.wait(), seconds)
+        except TimeoutError:
+            pass
+
+    def mark_down(self) -> None:
+        if self.down_since is None:
+            self.down_since = time.time()
+            self.reconnects += 1
+
+    async def session(self, ws: ClientConnection) -> None:
+        """One connected lifetime: auth, subscribe everything wanted, read until it ends."""
+        self.ws = ws
+        self.last_frame_mono = time.monotonic()
+        if self.is_private:
+            self.state = "authenticating"
+            await self.authenticate(ws)
+        self.state = "connected"
+        if self.down_since is not None:
+            self.last_outage = {"from": self.down_since, "to": time.time(), "seconds": round(time.time() - self.down_since, 3)}
+            log.info("bybit.reconnected", socket=self.name, outage_seconds=self.last_outage["seconds"])
+            self.down_since = None
+        else:
+            log.info("bybit.connected", socket=self.name, url=self.url)
+        self.kick.set()
+        tasks = [
+            asyncio.create_task(self.read(ws), name=f"{self.name}-read"),
+            asyncio.create_task(self.heartbeat(ws), name=f"{self.name}-heartbeat"),
+            asyncio.create_task(self.sync_loop(ws), name=f"{self.name}-sync"),
+            asyncio.create_task(self.stopping.wait(), name=f"{self.name}-stop"),
+        ]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        for task in done:
+            if not task.cancelled() and task.exception() is not None:
+                raise task.exception()  # type: ignore[misc]
+        if self.stopping.is_set():
+            await ws.close()
+
+    async def authenticate(self, ws: ClientConnection) -> None:
+        assert self.credentials is not None
+        await ws.send(orjson.dumps({"req_id": "auth", "op": "auth", "args": auth_args(*self.credentials)}).decode())
+        deadline = time.monotonic() + self.config.connect_timeout
+        while True:
+            raw = await asyncio.wait_for(ws.recv(), max(0.01, deadline - time.monotonic()))
+            try:
+                reply = orjson.loads(raw)
+            except orjson.JSONDecodeError:
+                continue
+            if isinstance(reply, dict) and reply.get("op") == "auth":
+                break
+        if not reply.get("success"):
+            self.auth_error = str(reply.get("ret_msg") or "auth refused")[:200]
+            log.error("bybit.auth_rejected", socket=self.name, ret_msg=self.auth_error, retry_in=self.config.auth_retry)
+            self.on_reject(self, "*", f"auth rejected: {self.auth_error}")
+            raise AuthRejected(self.auth_error)
+        self.auth_error = ""
+        log.info("bybit.authenticated", socket=self.name)
+
+    async def read(self, ws: ClientConnection) -> None:
+        on_frame = self.on_frame
+        while True:
+            raw = await ws.recv()
+            self.last_frame_mono = time.monotonic()
+            control = on_frame(raw, self)
+            if control is not None:
+                self.on_control(control)
+
+    async def heartbeat(self, ws: ClientConnection) -> None:
+        interval, dead_after = self.config.ping_interval, self.config.dead_after
+        counter = itertools.count(1)
+        next_ping = time.monotonic() + interval
+        while True:
+            now = time.monotonic()
+            self.last_frame_at = time.time() - (now - self.last_frame_mono)
+            if now - self.last_frame_mono > dead_after:
+                log.warning("bybit.socket_dead", socket=self.name, silent_for=round(now - self.last_frame_mono, 2))
+                ws.transport.abort()
+                raise DeadSocket(f"no frame for {now - self.last_frame_mono:.1f}s")
+            if now >= next_ping:
+                await ws.send(f'{{"req_id":"ping-{next(counter)}","op":"ping"}}')
+                next_ping = now + interval
+            await asyncio.sleep(min(0.25, interval, dead_after / 4))
+
+    async def sync_loop(self, ws: ClientConnection) -> None:
+        """Send the difference between desired and live topics whenever `want()` changes it."""
+        while True:
+            await self.kick.wait()
+            self.kick.clear()
+            pending_sub = {t for op, topics in self.requests.values() if op == "subscribe" for t in topics}
+            pending_unsub = {t for op, topics in self.requests.values() if op == "unsubscribe" for t in topics}
+            for batch in batches(self.desired - self.live - pending_sub):
+                await self.send_request(ws, "subscribe", batch)
+            for batch in batches((self.live - self.desired) - pending_unsub):
+                await self.send_request(ws, "unsubscribe", batch)
+
+    async def send_request(self, ws: ClientConnection, op: str, topics: list[str]) -> None:
+        req_id = f"{op[:3]}-{next(self.req_ids)}"
+        self.requests[req_id] = (op, topics)
+        await ws.send(orjson.dumps({"req_id": req_id, "op": op, "args": topics}).decode())
+
+    def on_control(self, msg: dict[str, Any]) -> None:
+        """Handle Bybit's replies: pongs need nothing (any frame is life); acks update `live`."""
+        op = msg.get("op")
+        if op not in ("subscribe", "unsubscribe"):
+            return
+        req_id = msg.get("req_id")
+        request = self.requests.pop(req_id, None) if req_id else None
+        if request is None:
+            # The private socket may not echo req_id: replies come in request order.
+            request = next(((k, v) for k, v in self.requests.items() if v[0] == op), None)
+            if request is None:
+                return
+            del self.requests[request[0]]
+            request = request[1]
+        _, topics = request
+        if op == "unsubscribe":
+            self.live.difference_update(topics)
+            return
+        if msg.get("success"):
+            self.confirm(topics)
+            return
+        ret_msg = str(msg.get("ret_msg", ""))
+        named = [t for t in TOPIC_IN_MESSAGE.findall(ret_msg) if t in topics]
+        if ALREADY_SUBSCRIBED in ret_msg:
+            # Harmless: the first subscription keeps delivering (bybit-v5-protocol.md §3).
+            self.confirm(named or topics)
+            rest = [t for t in topics if t not in named] if named else []
+        elif named:
+            for topic in named:
+                self.desired.discard(topic)
+                self.on_reject(self, topic, ret_msg)
+            rest = [t for t in topics if t not in named]
+        elif len(topics) == 1:
+            self.desired.discard(topics[0])
+            self.on_reject(self, topics[0], ret_msg)
+            rest = []
+        else:
+            rest = topics
+        # A refusal that does not name every topic: ask for the others one by one.
+        if rest and self.ws is not None:
+            for topic in rest:
+                asyncio.get_running_loop().create_task(self.send_request(self.ws, "subscribe", [topic]))
+
+    def confirm(self, topics: list[str]) -> None:
+        fresh = [t for t in topics if t not in self.live]
+        self.live.update(fresh)
+        wanted = [t for t in fresh if t in self.desired]
+        if wanted:
+            self.on_ack(self, wanted)
+        if len(wanted) < len(fresh):
+            self.kick.set()  # unwanted while the request was in flight: unsubscribe it

@@ -1,0 +1,17 @@
+from __future__ import annotations
+
+import asyncio
+import sys
+from typing import Any
+
+from django.core.management.base import BaseCommand
+
+from streaming import gateway
+
+
+class Command(BaseCommand):
+    help = "Own the Bybit sockets and publish every event to RabbitMQ."
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        code = asyncio.run(gateway.main())
+        sys.exit(code)

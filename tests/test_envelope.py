@@ -1,0 +1,103 @@
+"""Frames become envelopes exactly as the README's event contract says; bad frames are named."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+
+from streaming.envelope import Envelopes
+
+
+def envelope(frame: dict, category: str = "linear") -> dict:
+    result = Envelopes("run").handle(orjson.dumps(frame).decode(), category)
+    assert not result.malformed, result.malformed
+    (event,) = result.events
+    return orjson.loads(event.body)
+
+
+def test_orderbook_delta_carries_sequence_fields_and_data_verbatim() -> None:
+    data = {"s": "BTCUSDT", "b": [["100.5", "0"]], "a": [["101", "2.5"]], "u": 42, "seq": 9001}
+    frame = {"topic": "orderbook.50.BTCUSDT", "type": "delta", "ts": 1700000000000, "cts": 1699999999990, "data": data}
+    body = envelope(frame)
+    assert body["class"] == "orderbook"
+    assert (body["category"], body["symbol"], body["type"]) == ("linear", "BTCUSDT", "delta")
+    assert (body["u"], body["seq"], body["cts"], body["exchange_ts"]) == (42, 9001, 1699999999990, 1700000000000)
+    assert body["data"] == data
+    assert body["id"] == "run-1-0" and body["trace_id"] == "run-1"
+
+
+def test_routing_keys_follow_class_category_symbol() -> None:
+    handler = Envelopes("r")
+    frames = {
+        "trade.spot.ETHUSDT": ({"topic": "publicTrade.ETHUSDT", "ts": 1, "data": [{"p": "1"}]}, "spot"),
+        "orderbook.linear.BTCUSDT.200": ({"topic": "orderbook.200.BTCUSDT", "ts": 1, "data": {"u": 1}}, "linear"),
+        "kline.inverse.BTCUSD.D": ({"topic": "kline.D.BTCUSD", "ts": 1, "data": [{}]}, "inverse"),
+        "ticker.linear.BTCUSDT": ({"topic": "tickers.BTCUSDT", "ts": 1, "cs": 7, "data": {}}, "linear"),
+        "liquidation.linear.BTCUSDT": ({"topic": "allLiquidation.BTCUSDT", "ts": 1, "data": [{}]}, "linear"),
+    }
+    for routing_key, (frame, category) in frames.items():
+        (event,) = handler.handle(orjson.dumps(frame).decode(), category).events
+        assert event.routing_key == routing_key
+
+
+def test_private_frame_becomes_one_event_per_item_routed_by_category_and_symbol() -> None:
+    frame = {
+        "id": "abc",
+        "topic": "order",
+        "creationTime": 1700000000000,
+        "data": [
+            {"category": "linear", "symbol": "BTCUSDT", "orderId": "1"},
+            {"category": "spot", "symbol": "ETHUSDT", "orderId": "2"},
+        ],
+    }
+    result = Envelopes("r").handle(orjson.dumps(frame).decode(), "private")
+    assert [e.routing_key for e in result.events] == ["order.linear.BTCUSDT", "order.spot.ETHUSDT"]
+    assert all(e.private for e in result.events)
+    bodies = [orjson.loads(e.body) for e in result.events]
+    assert [b["data"]["orderId"] for b in bodies] == ["1", "2"]
+    assert len({b["id"] for b in bodies}) == 2
+    assert {b["trace_id"] for b in bodies} == {"r-1"}
+
+
+def test_wallet_routes_by_account_type() -> None:
+    frame = {"id": "w", "topic": "wallet", "creationTime": 1, "data": [{"accountType": "UNIFIED", "coin": []}]}
+    (event,) = Envelopes("r").handle(orjson.dumps(frame).decode(), "private").events
+    assert event.routing_key == "balance.UNIFIED" and event.event_class == "balance"
+
+
+def test_control_replies_are_returned_not_published() -> None:
+    pong = {"success": True, "ret_msg": "pong", "conn_id": "c", "op": "ping"}
+    result = Envelopes("r").handle(orjson.dumps(pong).decode(), "linear")
+    assert result.control == pong and not result.events
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        (b"\x00\x01", "binary frame"),
+        ("{not json", "invalid JSON"),
+        ("[1, 2]", "not a JSON object"),
+        ('{"topic": "nosuch.BTCUSDT", "data": {}}', "unknown topic"),
+        ('{"topic": "publicTrade.BTCUSDT"}', "missing data"),
+        ('{"topic": 5, "data": {}}', "topic is not a string"),
+        ('{"topic": "orderbook.50.BTCUSDT", "data": [1]}', "orderbook data is not an object"),
+        ('{"hello": 1}', "neither a data frame nor a control message"),
+    ],
+)
+def test_malformed_public_frames_are_named(raw: str | bytes, reason: str) -> None:
+    result = Envelopes("r").handle(raw, "linear")
+    assert result.malformed == reason and not result.events
+
+
+@pytest.mark.parametrize(
+    ("frame", "reason"),
+    [
+        ({"topic": "order", "data": {"x": 1}}, "private data is not a list"),
+        ({"topic": "order", "data": [{"symbol": "BTCUSDT"}]}, "private item without category, symbol or accountType"),
+        ({"topic": "order", "data": ["x"]}, "private item is not an object"),
+        ({"topic": "publicTrade.BTCUSDT", "data": []}, "unknown topic"),
+    ],
+)
+def test_malformed_private_frames_publish_nothing(frame: dict, reason: str) -> None:
+    result = Envelopes("r").handle(orjson.dumps(frame).decode(), "private")
+    assert result.malformed == reason and not result.events
