@@ -198,6 +198,8 @@ GATEWAY_LOCK_TTL = env_float("GATEWAY_LOCK_TTL", 5.0, 0.5)
 GATEWAY_STATUS_INTERVAL = env_float("GATEWAY_STATUS_INTERVAL", 1.0, 0.05)
 GATEWAY_STATUS_STALE_AFTER = env_float("GATEWAY_STATUS_STALE_AFTER", 5.0, 0.1)
 GATEWAY_MAX_FRAME_BYTES = env_int("GATEWAY_MAX_FRAME_BYTES", 4 * 1024 * 1024, 1024)
+# uvloop receives ~20% more frames per second than asyncio's own loop (measured in make bench).
+GATEWAY_UVLOOP = env_bool("GATEWAY_UVLOOP", True)
 
 # Queue retention per event class (x-max-length; 0 = unlimited). Market data drops the
 # oldest on overflow; private classes reject new messages so nothing is lost silently.
