@@ -66,3 +66,49 @@ def redis_prefix(settings) -> Iterator[str]:  # noqa: ANN001
     if keys:
         client.delete(*keys)
     client.close()
+
+
+class SimulatorThread:
+    """A real Simulator on port 0, running in its own thread and event loop, for sync tests."""
+
+    def __init__(self, **kwargs: object) -> None:
+        import asyncio
+        import threading
+
+        from streaming.simulator import Simulator
+
+        self.loop = asyncio.new_event_loop()
+        self.sim = Simulator(**kwargs)  # type: ignore[arg-type]
+        self.thread = threading.Thread(target=self.loop.run_forever, name="simulator", daemon=True)
+        self.thread.start()
+        self.call(self.sim.start())
+
+    def call(self, coro, timeout: float = 10.0):  # noqa: ANN001, ANN201 - any coroutine of the simulator
+        """Run a coroutine on the simulator's loop and return its result."""
+        import asyncio
+
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout * TIMEOUT_FACTOR)
+
+    def __getattr__(self, name: str):  # noqa: ANN204 - stats(), sent, url... read straight from the simulator
+        return getattr(self.sim, name)
+
+    def close(self) -> None:
+        self.call(self.sim.stop())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+
+SIMULATOR_CREDENTIALS = ("sim-test-key", "sim-test-secret-do-not-use")
+
+
+@pytest.fixture
+def simulator_credentials() -> tuple[str, str]:
+    return SIMULATOR_CREDENTIALS
+
+
+@pytest.fixture
+def simulator() -> Iterator[SimulatorThread]:
+    """A running simulator with short heartbeat timeouts and the test credentials."""
+    sim = SimulatorThread(credentials=dict([SIMULATOR_CREDENTIALS]), ping_timeout=30.0)
+    yield sim
+    sim.close()
