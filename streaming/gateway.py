@@ -23,7 +23,7 @@ import orjson
 import redis.asyncio as aioredis
 import structlog
 from django.conf import settings
-from django.db import DatabaseError
+from django.db import DatabaseError, connection
 
 from streaming import reconciler
 from streaming.bybit import (
@@ -235,16 +235,16 @@ class Gateway:
         )
         self.sockets[name] = sock
         task = asyncio.create_task(sock.run(), name=f"socket-{name}")
-        task.add_done_callback(self.socket_done)
+        task.add_done_callback(self.task_done)
         self.socket_tasks[name] = task
         log.info("gateway.socket_opened", socket=name, url=url)
         return sock
 
-    def socket_done(self, task: asyncio.Task[None]) -> None:
-        """A socket's loop only ends when stopped; anything else is a bug: stop loudly."""
+    def task_done(self, task: asyncio.Task[Any]) -> None:
+        """Sockets and loops only end when stopped; an exception is a bug: stop loudly."""
         if task.cancelled() or task.exception() is None:
             return
-        log.error("gateway.socket_crashed", task=task.get_name(), exc_info=task.exception())
+        log.error("gateway.task_crashed", task=task.get_name(), exc_info=task.exception())
         self.exit_code = 1
         self.stop_event.set()
 
@@ -288,7 +288,7 @@ class Gateway:
 
     def nudge(self) -> None:
         """Thread-safe: ask for a reconciliation now."""
-        if self.loop is not None:
+        if self.loop is not None and not self.loop.is_closed():
             self.loop.call_soon_threadsafe(self.nudged.set)
 
     # Reconciliation.
@@ -455,6 +455,8 @@ class Gateway:
             asyncio.create_task(self.status_loop(), name="status"),
             asyncio.create_task(self.lock_loop(), name="lock"),
         ]
+        for task in loops:
+            task.add_done_callback(self.task_done)
         await self.stop_event.wait()
         deadline = time.monotonic() + SHUTDOWN_BUDGET
         self.state = "stopping"
@@ -465,6 +467,7 @@ class Gateway:
         await asyncio.gather(*(self.close_socket(name) for name in list(self.sockets)), return_exceptions=True)
         flushed = await asyncio.to_thread(self.publisher.stop, max(0.5, deadline - time.monotonic() - 0.5))
         self.nudges.stopping.set()
+        await asyncio.to_thread(self.nudges.thread.join, 1.0)
         if self.background:
             await asyncio.wait(self.background, timeout=max(0.1, deadline - time.monotonic() - 0.3))
         self.state = "stopped"
@@ -476,7 +479,8 @@ class Gateway:
             pass
         await self.redis.aclose()
         self.io.submit(self.bindings.close)
-        self.io.shutdown(wait=False)
+        self.io.submit(close_old_connections_now)
+        self.io.shutdown(wait=True)
         if not flushed:
             log.error(
                 "gateway.stopped_with_unconfirmed_events",
@@ -486,6 +490,11 @@ class Gateway:
             return self.exit_code or 1
         log.info("gateway.stopped", published=self.publisher.published, confirmed=self.publisher.confirmed)
         return self.exit_code
+
+
+def close_old_connections_now() -> None:
+    """Close the I/O thread's database connection (Django keeps one per thread)."""
+    connection.close()
 
 
 async def main() -> int:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 import amqp
 import structlog
@@ -84,7 +84,7 @@ def record_last_events(seen: dict[tuple[str, str], float]) -> None:
     """Write coarse `last_event_at` per topic (one UPDATE per topic, every few seconds at most)."""
     close_old_connections()
     for (socket_category, topic), ts in seen.items():
-        at = datetime.fromtimestamp(ts, tz=timezone.utc)
+        at = datetime.fromtimestamp(ts, tz=UTC)
         Subscription.objects.filter(status=Subscription.Status.ACTIVE, **rows_filter(socket_category, [topic])).update(
             last_event_at=at
         )

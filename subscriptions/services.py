@@ -119,7 +119,7 @@ def nudge_gateway(*, reason: str, subscription_ids: list[str]) -> bool:
                 routing_key=topics.CONTROL_ROUTING_KEY,
                 declare=[CONTROL_EXCHANGE],
                 retry=True,
-                retry_policy={"max_retries": 1, "interval_start": 0, "interval_step": 0.2, "timeout": NUDGE_TIMEOUT},
+                retry_policy={"max_retries": 1, "interval_start": 0, "interval_step": 0.2},
             )
     except (OSError, ConnectionError, TimeoutError) as exc:
         log.warning("gateway.nudge_failed", reason=reason, error=f"{type(exc).__name__}: {exc}"[:200])

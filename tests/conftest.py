@@ -112,3 +112,97 @@ def simulator() -> Iterator[SimulatorThread]:
     sim = SimulatorThread(credentials=dict([SIMULATOR_CREDENTIALS]), ping_timeout=30.0)
     yield sim
     sim.close()
+
+
+class GatewayThread:
+    """A real Gateway (settings as the test set them) running in its own thread and loop."""
+
+    def __init__(self) -> None:
+        import asyncio
+        import threading
+
+        from streaming.gateway import Gateway, GatewayConfig
+
+        self.gateway = Gateway(GatewayConfig.from_settings())
+        self.result: int | None = None
+        self.thread = threading.Thread(target=lambda: setattr(self, "result", asyncio.run(self.gateway.run())))
+        self.thread.start()
+        wait_for(lambda: self.gateway.state == "running", message="the gateway to start")
+
+    def stop(self, timeout: float = 15.0) -> int | None:
+        loop = self.gateway.loop
+        if loop is not None and self.thread.is_alive():
+            loop.call_soon_threadsafe(self.gateway.stop_event.set)
+        self.thread.join(timeout * TIMEOUT_FACTOR)
+        return self.result
+
+
+@pytest.fixture
+def gateway_settings(settings, rabbit: str, redis_prefix: str, simulator, simulator_credentials):  # noqa: ANN001, ANN201
+    """Point the gateway at the simulator, the test vhost and prefix, with test-sized timings."""
+    settings.BYBIT_WS_URL = simulator.url
+    settings.BYBIT_API_KEY, settings.BYBIT_API_SECRET = simulator_credentials
+    settings.GATEWAY_PING_INTERVAL = 0.5
+    settings.GATEWAY_DEAD_AFTER = 3.0
+    settings.GATEWAY_CONNECT_TIMEOUT = 3.0
+    settings.GATEWAY_BACKOFF_BASE = 0.05
+    settings.GATEWAY_BACKOFF_CAP = 0.5
+    settings.GATEWAY_HEALTHY_AFTER = 2.0
+    settings.GATEWAY_CIRCUIT_FAILURES = 50
+    settings.GATEWAY_CIRCUIT_WINDOW = 10.0
+    settings.GATEWAY_CIRCUIT_COOLDOWN = 1.0
+    settings.GATEWAY_RECONCILE_INTERVAL = 0.5
+    settings.GATEWAY_LOCK_TTL = 2.0
+    settings.GATEWAY_STATUS_INTERVAL = 0.2
+    return settings
+
+
+@pytest.fixture
+def start_gateway(gateway_settings):  # noqa: ANN001, ANN201
+    """Start gateways on demand; each is stopped (and checked to exit) after the test."""
+    started: list[GatewayThread] = []
+
+    def start() -> GatewayThread:
+        runner = GatewayThread()
+        started.append(runner)
+        return runner
+
+    yield start
+    for runner in started:
+        runner.stop()
+
+
+class QueueReader:
+    """Consumes one queue into `messages` (decoded envelopes) on its own connection."""
+
+    def __init__(self, url: str, queue: str) -> None:
+        import orjson
+
+        from streaming.publisher import connect
+
+        self.conn = connect(url, name="test reader")
+        self.channel = self.conn.channel()
+        self.messages: list[dict] = []
+        self.raw: list = []
+
+        def on_message(message) -> None:  # noqa: ANN001
+            self.raw.append(message)
+            self.messages.append(orjson.loads(message.body))
+
+        self.channel.basic_consume(queue, callback=on_message, no_ack=True)
+
+    def drain(self, budget: float = 0.2) -> int:
+        """Take what has arrived, for at most `budget` seconds; return the count so far."""
+        deadline = time.monotonic() + budget
+        try:
+            while time.monotonic() < deadline:
+                self.conn.drain_events(timeout=0.05)
+        except TimeoutError:
+            pass
+        return len(self.messages)
+
+    def wait(self, condition, timeout: float = 10.0, message: str = "") -> None:  # noqa: ANN001
+        wait_for(lambda: self.drain() >= 0 and condition(self.messages), timeout, interval=0, message=message)
+
+    def close(self) -> None:
+        self.conn.close()

@@ -1,0 +1,107 @@
+"""Subscriptions become live upstream and every event reaches the right service queues."""
+
+from __future__ import annotations
+
+import pytest
+
+from subscriptions.models import Subscription
+from subscriptions.services import subscription_cancel, subscription_create
+from tests.conftest import QueueReader, wait_for
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def status_of(subscription: Subscription) -> str:
+    subscription.refresh_from_db()
+    return subscription.status
+
+
+def trade_seqs(messages: list[dict]) -> list[int]:
+    return [trade["seq"] for m in messages for trade in m["data"]]
+
+
+def test_new_subscription_is_live_upstream_and_events_arrive_in_order(start_gateway, simulator, rabbit) -> None:
+    runner = start_gateway()
+    subscription, _ = subscription_create(service_name="alpha", channel="trades", category="linear", symbol="BTCUSDT")
+    wait_for(lambda: status_of(subscription) == "active", timeout=3, message="the subscription to become active")
+    reader = QueueReader(rabbit, "ws-gateway.alpha.trade")
+    reader.wait(lambda m: len(m) >= 5, message="five trade events")
+    first = reader.messages[0]
+    assert first["class"] == "trade" and first["topic"] == "publicTrade.BTCUSDT"
+    assert (first["category"], first["symbol"]) == ("linear", "BTCUSDT")
+    assert reader.raw[0].delivery_info["routing_key"] == "trade.linear.BTCUSDT"
+    assert reader.raw[0].properties["message_id"] == first["id"]
+    seqs = trade_seqs(reader.messages)
+    assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))  # contiguous: nothing lost or reordered
+    reader.close()
+    assert runner.stop() == 0
+
+
+def test_new_subscription_is_subscribed_upstream_within_a_second(start_gateway, simulator) -> None:
+    start_gateway()
+    wait_for(lambda: simulator.stats()["requests"] == 0 or True)
+    subscription_create(service_name="alpha", channel="ticker", category="spot", symbol="ETHUSDT")
+    wait_for(lambda: simulator.subscribes[("spot", "tickers.ETHUSDT")] == 1, timeout=1.0, message="upstream subscribe")
+
+
+def test_two_services_share_one_upstream_subscription(start_gateway, simulator, rabbit) -> None:
+    start_gateway()
+    first, _ = subscription_create(service_name="alpha", channel="orderbook", category="linear", symbol="ETHUSDT", depth=50)
+    second, _ = subscription_create(service_name="bravo", channel="orderbook", category="linear", symbol="ETHUSDT", depth=50)
+    wait_for(lambda: status_of(first) == "active" and status_of(second) == "active", message="both active")
+    alpha = QueueReader(rabbit, "ws-gateway.alpha.orderbook")
+    bravo = QueueReader(rabbit, "ws-gateway.bravo.orderbook")
+    alpha.wait(lambda m: len(m) >= 10)
+    bravo.wait(lambda m: len(m) >= 10)
+    common = {m["u"] for m in alpha.messages} & {m["u"] for m in bravo.messages}
+    assert len(common) >= 5  # the same events, to both
+    assert simulator.subscribes[("linear", "orderbook.50.ETHUSDT")] == 1
+
+    subscription_cancel(subscription=first)
+    seen = len(bravo.messages)
+    bravo.wait(lambda m: len(m) >= seen + 10, message="bravo still flowing after alpha cancelled")
+    assert simulator.subscribes[("linear", "orderbook.50.ETHUSDT")] == 1
+    assert any("orderbook.50.ETHUSDT" in c["topics"] for c in simulator.stats()["connections"])
+
+    subscription_cancel(subscription=second)
+    wait_for(
+        lambda: not any("orderbook.50.ETHUSDT" in c["topics"] for c in simulator.stats()["connections"]),
+        message="the upstream unsubscribe once nobody wants the topic", timeout=30,
+    )
+    alpha.close()
+    bravo.close()
+
+
+def test_unknown_symbol_fails_with_bybits_message_and_disturbs_nothing(start_gateway, simulator, rabbit) -> None:
+    start_gateway()
+    good, _ = subscription_create(service_name="alpha", channel="trades", category="linear", symbol="ETHUSDT")
+    bad, _ = subscription_create(service_name="alpha", channel="trades", category="linear", symbol="NOPEUSDT")
+    wait_for(lambda: status_of(bad) == "failed", message="the unknown symbol to fail")
+    assert bad.error == "error:handler not found,topic:publicTrade.NOPEUSDT"
+    wait_for(lambda: status_of(good) == "active")
+    reader = QueueReader(rabbit, "ws-gateway.alpha.trade")
+    reader.wait(lambda m: len(m) >= 3)
+    assert {m["symbol"] for m in reader.messages} == {"ETHUSDT"}
+    reader.close()
+
+
+def test_private_order_update_reaches_the_service(start_gateway, simulator, rabbit) -> None:
+    start_gateway()
+    subscription, _ = subscription_create(service_name="alpha", channel="order")
+    wait_for(lambda: status_of(subscription) == "active", message="the private subscription to become active")
+    sent = simulator.call(simulator.sim.emit_order(symbol="SOLUSDT", category="spot", orderStatus="Filled"))
+    reader = QueueReader(rabbit, "ws-gateway.alpha.order")
+    reader.wait(lambda m: len(m) >= 1, message="the order event")
+    (event,) = reader.messages
+    assert event["data"] == sent["data"][0]
+    assert reader.raw[0].delivery_info["routing_key"] == "order.spot.SOLUSDT"
+    assert reader.raw[0].properties["delivery_mode"] == 2
+    reader.close()
+
+
+def test_private_subscription_without_credentials_fails_clearly(start_gateway, gateway_settings) -> None:
+    gateway_settings.BYBIT_API_KEY = gateway_settings.BYBIT_API_SECRET = ""
+    start_gateway()
+    subscription, _ = subscription_create(service_name="alpha", channel="execution")
+    wait_for(lambda: status_of(subscription) == "failed")
+    assert "BYBIT_API_KEY" in subscription.error
