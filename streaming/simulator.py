@@ -125,6 +125,7 @@ class Simulator:
         self.refuse_until = 0.0
         self.pong_delay = 0.0
         self.auth_rejected = False
+        self.refused = 0  # connection attempts answered 503 while refusing
         self.server: Server | None = None
         self.control: asyncio.Server | None = None
         self.tasks: set[asyncio.Task[Any]] = set()
@@ -198,6 +199,7 @@ class Simulator:
 
     def process_request(self, connection: ServerConnection, request: Request) -> Response | None:
         if time.monotonic() < self.refuse_until:
+            self.refused += 1
             return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "refusing connections (simulated)\n")
         if request.path.split("?")[0] not in PUBLIC_PATHS and request.path.split("?")[0] != PRIVATE_PATH:
             return connection.respond(HTTPStatus.NOT_FOUND, "unknown path\n")
@@ -478,6 +480,7 @@ class Simulator:
             "sent": {f"{cat}:{topic}": n for (cat, topic), n in sorted(self.sent.items())},
             "subscribes": {f"{cat}:{topic}": n for (cat, topic), n in sorted(self.subscribes.items())},
             "requests": len(self.requests),
+            "refused": self.refused,
         }
 
     # The control API: minimal HTTP/1.1, one request per connection, JSON in and out.

@@ -33,6 +33,19 @@ def management_api(path: str, method: str = "GET", **kwargs: object) -> requests
     return requests.request(method, f"{base}/api{path}", auth=("guest", "guest"), timeout=10, **kwargs)
 
 
+def close_publisher_connections(url: str) -> int:
+    """Close the gateway publisher's AMQP connections through the management API; return how many."""
+    from streaming.publisher import PUBLISHER_CONNECTION_NAME
+
+    vhost = urlsplit(url).path[1:]
+    closed = 0
+    for conn in management_api(f"/vhosts/{vhost}/connections").json():
+        if conn.get("client_properties", {}).get("connection_name") == PUBLISHER_CONNECTION_NAME:
+            management_api(f"/connections/{quote(conn['name'], safe='')}", "DELETE", headers={"X-Reason": "test"})
+            closed += 1
+    return closed
+
+
 @pytest.fixture(scope="session")
 def rabbit_vhost() -> Iterator[str]:
     """A RabbitMQ vhost of this test session, deleted at the end; returns its AMQP URL."""

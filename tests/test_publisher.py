@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from urllib.parse import quote, unquote, urlsplit
 
 import amqp
 import orjson
 import pytest
 
 from streaming.envelope import Event
-from streaming.publisher import PUBLISHER_CONNECTION_NAME, Handoff, Publisher, connect
+from streaming.publisher import Handoff, Publisher, connect
 from subscriptions.topics import EXCHANGE
-from tests.conftest import management_api, wait_for
+from tests.conftest import close_publisher_connections, wait_for
 
 
 def make_event(n: int, private: bool = False, size: int = 0, routing_key: str = "trade.linear.BTCUSDT") -> Event:
@@ -121,17 +120,6 @@ def test_full_private_queue_is_retried_not_dropped(rabbit: str, channel: amqp.Ch
     got = read_all(channel, "t.reject", 12, timeout=20)  # draining makes room for the retries
     assert publisher.stop(10)
     assert {orjson.loads(m.body)["n"] for m in got} == set(range(12))
-
-
-def close_publisher_connections(url: str) -> int:
-    """Close the publisher's AMQP connections through the management API; return how many."""
-    vhost = unquote(urlsplit(url).path[1:])
-    closed = 0
-    for conn in management_api(f"/vhosts/{quote(vhost, safe='')}/connections").json():
-        if conn.get("client_properties", {}).get("connection_name") == PUBLISHER_CONNECTION_NAME:
-            management_api(f"/connections/{quote(conn['name'], safe='')}", "DELETE", headers={"X-Reason": "test"})
-            closed += 1
-    return closed
 
 
 def test_forced_connection_close_loses_nothing(rabbit: str, channel: amqp.Channel) -> None:
