@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from django.conf import settings
 from django.utils import timezone
+from drf_spectacular.extensions import OpenApiAuthenticationExtension
 from rest_framework import authentication, exceptions
 from rest_framework.request import Request
 
@@ -54,3 +55,21 @@ class ApiKeyAuthentication(authentication.BaseAuthentication):
     def authenticate_header(self, request: Request) -> str:
         # Any value here makes DRF answer 401 (not 403) to a missing or wrong key.
         return HEADER
+
+
+class StaffSessionAuthentication(authentication.SessionAuthentication):
+    """Staff logged into the admin use the browsable API as the operator (CSRF enforced)."""
+
+    def authenticate(self, request: Request) -> tuple[Caller, None] | None:
+        result = super().authenticate(request)
+        if result is None or not result[0].is_staff:
+            return None
+        return Caller(None, f"staff:{result[0].get_username()}"), None
+
+
+class ApiKeyScheme(OpenApiAuthenticationExtension):
+    target_class = "subscriptions.authentication.ApiKeyAuthentication"
+    name = "ApiKeyAuth"
+
+    def get_security_definition(self, auto_schema: object) -> dict[str, str]:
+        return {"type": "apiKey", "in": "header", "name": HEADER}

@@ -1,3 +1,9 @@
 from __future__ import annotations
 
-urlpatterns: list = []
+from rest_framework.routers import SimpleRouter
+
+from subscriptions.views import SubscriptionViewSet
+
+router = SimpleRouter(trailing_slash=False)
+router.register("subscriptions", SubscriptionViewSet, basename="subscription")
+urlpatterns = router.urls

@@ -248,7 +248,10 @@ LOG_FORMAT = env_choice("LOG_FORMAT", "console" if DEBUG else "json", LOG_FORMAT
 LOGGING_CONFIG = None  # wsgateway.logging configures logging once, below.
 
 REST_FRAMEWORK = {
-    "DEFAULT_AUTHENTICATION_CLASSES": ["subscriptions.authentication.ApiKeyAuthentication"],
+    "DEFAULT_AUTHENTICATION_CLASSES": [
+        "subscriptions.authentication.ApiKeyAuthentication",
+        "subscriptions.authentication.StaffSessionAuthentication",
+    ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
     "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.LimitOffsetPagination",
     "PAGE_SIZE": 50,

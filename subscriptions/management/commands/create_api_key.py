@@ -1,0 +1,24 @@
+from __future__ import annotations
+
+from typing import Any
+
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+
+from subscriptions.services import api_key_issue
+from subscriptions.topics import TopicError
+
+
+class Command(BaseCommand):
+    help = "Issue an API key for a service and print it once (only its hash is stored)."
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument("service", help="service name, e.g. risk-engine")
+        parser.add_argument("--label", default="", help="a note for operators, e.g. who holds the key")
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        try:
+            key, raw = api_key_issue(service_name=options["service"], label=options["label"])
+        except TopicError as exc:
+            raise CommandError(exc.message) from None
+        self.stderr.write(f"API key for {key.service_name} (prefix {key.prefix}); store it now, it is not shown again:")
+        self.stdout.write(raw)

@@ -1,0 +1,55 @@
+"""API shapes: what a subscription request may contain, and what a subscription looks like."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rest_framework import serializers
+
+from subscriptions import topics
+from subscriptions.models import MAX_SERVICE_NAME, MAX_SYMBOL, Subscription
+
+
+class StrictSerializer(serializers.Serializer):
+    """Refuses fields it does not know, so a typo never passes silently."""
+
+    def to_internal_value(self, data: Any) -> Any:
+        if isinstance(data, dict):
+            unknown = sorted(set(data) - set(self.fields))
+            if unknown:
+                raise serializers.ValidationError({name: ["Unknown field."] for name in unknown})
+        return super().to_internal_value(data)
+
+
+class SubscriptionRequestSerializer(StrictSerializer):
+    service_name = serializers.CharField(max_length=MAX_SERVICE_NAME, required=False)
+    channel = serializers.ChoiceField(choices=list(topics.CHANNELS))
+    category = serializers.CharField(max_length=10, required=False, allow_blank=True, default="")
+    symbol = serializers.CharField(max_length=MAX_SYMBOL, required=False, allow_blank=True, default="")
+    depth = serializers.IntegerField(required=False, allow_null=True, default=None, min_value=1, max_value=10_000)
+    interval = serializers.CharField(max_length=4, required=False, allow_blank=True, default="")
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        try:
+            if "service_name" in attrs:
+                topics.check_service_name(attrs["service_name"])
+            topics.resolve(attrs["channel"], attrs["category"], attrs["symbol"], attrs["depth"], attrs["interval"])
+        except topics.TopicError as exc:
+            raise serializers.ValidationError({exc.field: [exc.message]}) from None
+        return attrs
+
+
+class SubscriptionSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = Subscription
+        fields = [
+            "id", "service_name", "channel", "category", "symbol", "depth", "interval", "event_class",
+            "bybit_topic", "routing_key", "queue_name", "status", "error", "created_at", "updated_at",
+            "cancelled_at", "last_event_at",
+        ]  # fmt: skip
+        read_only_fields = fields
+
+
+class CancelledCountSerializer(serializers.Serializer):
+    service_name = serializers.CharField()
+    cancelled = serializers.IntegerField()
