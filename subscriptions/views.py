@@ -7,6 +7,7 @@ from typing import Any
 import django_filters
 import structlog
 from django.db.models import QuerySet
+from django.http import Http404
 from drf_spectacular.utils import extend_schema
 from rest_framework import exceptions, mixins, status
 from rest_framework.decorators import action
@@ -41,14 +42,17 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | Non
     if response is None:
         log.exception("api.unhandled_error", error=type(exc).__name__)
         return Response({"code": "server_error", "detail": "Internal error."}, status=500)
+    if isinstance(exc, Http404):
+        exc = exceptions.NotFound()
     code = next((c for cls, c in CODES.items() if isinstance(exc, cls)), "error")
     if isinstance(exc, exceptions.ValidationError):
         fields = response.data if isinstance(response.data, dict) else {"non_field_errors": response.data}
         response.data = {"code": code, "detail": "Invalid input.", "fields": fields}
     else:
         detail = response.data.get("detail", "") if isinstance(response.data, dict) else response.data
+        # A code given explicitly where the error is raised ("other_service") wins over the class's.
         codes = exc.get_codes() if isinstance(exc, exceptions.APIException) else None
-        if isinstance(codes, str) and codes not in ("error", "permission_denied", "not_found", "not_authenticated"):
+        if isinstance(codes, str) and codes != getattr(exc, "default_code", codes):
             code = codes
         response.data = {"code": code, "detail": str(detail)}
     return response

@@ -72,9 +72,10 @@ def rabbit(rabbit_vhost: str, settings) -> str:  # noqa: ANN001 - pytest-django'
 def redis_prefix(settings) -> Iterator[str]:  # noqa: ANN001
     """A Redis key prefix of this test; its keys are deleted afterwards."""
     prefix = f"wsgateway-test:{uuid.uuid4().hex[:8]}:"
+    url = settings.REDIS_URL  # a test may point the project elsewhere; clean up the real one
     settings.REDIS_KEY_PREFIX = prefix
     yield prefix
-    client = redis.Redis.from_url(settings.REDIS_URL)
+    client = redis.Redis.from_url(url)
     keys = list(client.scan_iter(match=prefix + "*", count=1000))
     if keys:
         client.delete(*keys)
@@ -219,3 +220,41 @@ class QueueReader:
 
     def close(self) -> None:
         self.conn.close()
+
+
+@pytest.fixture
+def service_key(db) -> str:  # noqa: ANN001
+    """The raw API key of service "alpha"."""
+    from subscriptions.services import api_key_issue
+
+    return api_key_issue(service_name="alpha")[1]
+
+
+@pytest.fixture
+def other_key(db) -> str:  # noqa: ANN001
+    """The raw API key of service "bravo", who must not see alpha's rows."""
+    from subscriptions.services import api_key_issue
+
+    return api_key_issue(service_name="bravo")[1]
+
+
+@pytest.fixture
+def api_client(service_key: str):  # noqa: ANN201
+    from rest_framework.test import APIClient
+
+    client = APIClient()
+    client.credentials(HTTP_X_API_KEY=service_key)
+    return client
+
+
+OPERATOR_KEY = "wsg_operator_test_key_0123456789abcdef"
+
+
+@pytest.fixture
+def operator_client(db, settings):  # noqa: ANN001, ANN201
+    from rest_framework.test import APIClient
+
+    settings.WS_GATEWAY_API_KEY = OPERATOR_KEY
+    client = APIClient()
+    client.credentials(HTTP_X_API_KEY=OPERATOR_KEY)
+    return client
