@@ -16,7 +16,7 @@ import random
 import re
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +38,7 @@ ENDPOINTS = {
 ARGS_PER_REQUEST = 10  # spot refuses more; batch at 10 everywhere, resubscribes included
 ARGS_CHARS_PER_CONNECTION = 21_000  # linear/inverse/option limit on one connection's args
 TOPICS_PER_CONNECTION = 200  # our own cap, so one socket never carries the whole market
+RECEIVE_QUEUE = 1024  # frames websockets buffers before it stops reading the socket
 AUTH_EXPIRES_MARGIN_MS = 10_000  # pybit's 1 s fails on clock skew
 ALREADY_SUBSCRIBED = "already subscribed"
 TOPIC_IN_MESSAGE = re.compile(r"topic:([A-Za-z0-9._-]+)")
@@ -186,6 +187,8 @@ class DeadSocket(Exception):
 AckCallback = Callable[["BybitSocket", list[str]], None]
 RejectCallback = Callable[["BybitSocket", str, str], None]
 FrameCallback = Callable[[str | bytes, "BybitSocket"], "dict[str, Any] | None"]
+# Awaited after a frame when the gateway's hand-off is nearly full: reads pause, the publisher runs.
+Backpressure = tuple[Callable[[], bool], Callable[[], Awaitable[None]]]
 
 
 class BybitSocket:
@@ -203,6 +206,7 @@ class BybitSocket:
         on_ack: AckCallback,
         on_reject: RejectCallback,
         credentials: tuple[str, str] | None = None,
+        backpressure: Backpressure | None = None,
     ) -> None:
         self.name = name
         self.url = url
@@ -214,6 +218,7 @@ class BybitSocket:
         self.on_ack = on_ack
         self.on_reject = on_reject
         self.credentials = credentials
+        self.backpressure = backpressure
         self.desired: set[str] = set()
         self.live: set[str] = set()
         self.requests: dict[str, tuple[str, list[str]]] = {}  # req_id -> (op, topics)
@@ -270,7 +275,8 @@ class BybitSocket:
                         ping_interval=None,  # Bybit's own op=ping heartbeat, below
                         close_timeout=1,
                         max_size=self.config.max_frame_bytes * 4,
-                        max_queue=None,
+                        # Bounded: while the gateway pauses reads, TCP (not memory) absorbs the backlog.
+                        max_queue=RECEIVE_QUEUE,
                         compression=None,
                     ),
                     self.config.connect_timeout,
@@ -394,12 +400,15 @@ class BybitSocket:
 
     async def read(self, ws: ClientConnection) -> None:
         on_frame = self.on_frame
+        backlogged, relieve = self.backpressure or (lambda: False, None)
         while True:
             raw = await ws.recv()
             self.last_frame_mono = time.monotonic()
             control = on_frame(raw, self)
             if control is not None:
                 self.on_control(control)
+            if backlogged():
+                await relieve()  # type: ignore[misc]
 
     async def heartbeat(self, ws: ClientConnection) -> None:
         interval, dead_after = self.config.ping_interval, self.config.dead_after

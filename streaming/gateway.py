@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import sys
 import threading
 import time
 from collections import defaultdict
@@ -66,6 +67,8 @@ class GatewayConfig:
     confirm_window: int
     lock_ttl: float
     status_interval: float
+    backpressure_at: int
+    max_read_pause: float
 
     @classmethod
     def from_settings(cls) -> GatewayConfig:
@@ -97,6 +100,8 @@ class GatewayConfig:
             confirm_window=s.GATEWAY_CONFIRM_WINDOW,
             lock_ttl=s.GATEWAY_LOCK_TTL,
             status_interval=s.GATEWAY_STATUS_INTERVAL,
+            backpressure_at=s.GATEWAY_BACKPRESSURE_AT,
+            max_read_pause=s.GATEWAY_MAX_READ_PAUSE,
         )
 
     @property
@@ -176,6 +181,7 @@ class Gateway:
         self.malformed = 0
         self.malformed_by_reason: dict[str, int] = defaultdict(int)
         self.by_routing_key: dict[str, int] = defaultdict(int)  # for the monitors' overflow estimate
+        self.read_pauses = 0
 
     # The per-frame path.
 
@@ -201,6 +207,22 @@ class Gateway:
         self.events_out += len(frame.events)
         self.seen[(sock.category, frame.topic)] = time.time()
         return None
+
+    def backlogged(self) -> bool:
+        return len(self.handoff.market) > self.config.backpressure_at
+
+    async def relieve(self) -> None:
+        """Pause reading until the publisher has halved the backlog, for `max_read_pause` s at most.
+
+        While the readers wait, the event loop idles and releases the GIL, so the publisher
+        thread runs at full speed, and TCP tells the exchange to slow down. Only if the backlog
+        outlasts the pause does the hand-off start dropping the oldest market events.
+        """
+        self.read_pauses += 1
+        deadline = time.monotonic() + self.config.max_read_pause
+        target = self.config.backpressure_at // 2
+        while len(self.handoff.market) > target and time.monotonic() < deadline:
+            await asyncio.sleep(0.002)
 
     def count_malformed(self, frame: Frame, raw: str | bytes, sock: BybitSocket) -> None:
         self.malformed += 1
@@ -232,6 +254,7 @@ class Gateway:
             on_ack=self.on_ack,
             on_reject=self.on_reject,
             credentials=self.config.credentials if category == reconciler.PRIVATE else None,
+            backpressure=(self.backlogged, self.relieve),
         )
         self.sockets[name] = sock
         task = asyncio.create_task(sock.run(), name=f"socket-{name}")
@@ -373,6 +396,7 @@ class Gateway:
             "malformed_by_reason": dict(self.malformed_by_reason),
             "published_by_routing_key": dict(self.by_routing_key),
             "handoff_depth": len(self.handoff),
+            "read_pauses": self.read_pauses,
             "in_flight": publisher.in_flight,
             "rejected_topics": len(self.rejected),
         }
@@ -498,6 +522,9 @@ def close_old_connections_now() -> None:
 
 
 async def main() -> int:
+    # The publisher thread gives up the GIL on every socket call; with Python's default 5 ms
+    # switch interval it then waits on the busy reader loop. A shorter interval keeps it fed.
+    sys.setswitchinterval(settings.GATEWAY_SWITCH_INTERVAL)
     gateway = Gateway(GatewayConfig.from_settings())
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

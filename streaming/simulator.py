@@ -168,6 +168,7 @@ class Simulator:
             ping_interval=None,
             compression=None,
             max_size=2**20,
+            close_timeout=1,  # stopping must not wait on clients that never answer the close
         )
         if self.requested_control_port is not None:
             self.control = await asyncio.start_server(self.control_client, self.host, self.requested_control_port)

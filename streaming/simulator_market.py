@@ -126,15 +126,19 @@ class BookGenerator(Generator):
 
     def reset(self) -> None:
         mid = round(self.mid / TICK) * TICK
-        self.bids = {price_fmt(mid - TICK * (i + 1)): self.size() for i in range(self.depth)}
-        self.asks = {price_fmt(mid + TICK * (i + 1)): self.size() for i in range(self.depth)}
+        # Price lists kept best-first beside the dicts: no scan or sort per change.
+        self.bid_prices = [price_fmt(mid - TICK * (i + 1)) for i in range(self.depth)]
+        self.ask_prices = [price_fmt(mid + TICK * (i + 1)) for i in range(self.depth)]
+        self.bids = {p: self.size() for p in self.bid_prices}
+        self.asks = {p: self.size() for p in self.ask_prices}
         self.sent_snapshot = False
 
     def size(self) -> str:
-        return f"{self.rng.randrange(1, 100_000) / 1000:.3f}"
+        return SIZES[int(self.rng.random() * 256)]
 
     def levels(self, side: dict[str, str], reverse: bool) -> list[list[str]]:
-        return [[p, side[p]] for p in sorted(side, key=float, reverse=reverse)]
+        prices = self.bid_prices if reverse else self.ask_prices
+        return [[p, side[p]] for p in prices]
 
     def next(self) -> dict[str, Any]:
         self.seq += self.rng.randrange(1, 50)
@@ -159,25 +163,35 @@ class BookGenerator(Generator):
 
     def mutate(self) -> tuple[list[list[str]], list[list[str]]]:
         """Change a few levels; keep `depth` levels a side. Returns the delta's (bids, asks)."""
-        changes: dict[str, list[list[str]]] = {"b": [], "a": []}
-        for _ in range(self.rng.randrange(1, 4)):
-            side_key = self.rng.choice("ba")
-            side = self.bids if side_key == "b" else self.asks
-            price = self.rng.choice(list(side))
-            if self.rng.random() < 0.25 and len(side) > 1:
+        r = self.rng.random
+        bids: list[list[str]] = []
+        asks: list[list[str]] = []
+        for _ in range(1 + int(r() * 3)):
+            is_bid = r() < 0.5
+            side, prices, changes = (self.bids, self.bid_prices, bids) if is_bid else (self.asks, self.ask_prices, asks)
+            index = int(r() * len(prices))
+            price = prices[index]
+            if r() < 0.25 and len(prices) > 1:
+                # A level leaves; a new one appears beyond the worst, so the depth stays the same.
                 del side[price]
-                changes[side_key].append([price, "0"])
-                worst = min(side, key=float) if side_key == "b" else max(side, key=float)
-                fresh = price_fmt(float(worst) - TICK if side_key == "b" else float(worst) + TICK)
+                prices.pop(index)
+                changes.append([price, "0"])
+                fresh = price_fmt(float(prices[-1]) + (-TICK if is_bid else TICK))
+                prices.append(fresh)
                 side[fresh] = self.size()
-                changes[side_key].append([fresh, side[fresh]])
+                changes.append([fresh, side[fresh]])
             else:
                 side[price] = self.size()
-                changes[side_key].append([price, side[price]])
-        return changes["b"], changes["a"]
+                changes.append([price, side[price]])
+        return bids, asks
 
     def book(self) -> tuple[dict[str, str], dict[str, str]]:
         return dict(self.bids), dict(self.asks)
+
+
+TICK_DIRECTIONS = ("PlusTick", "ZeroPlusTick", "MinusTick", "ZeroMinusTick")
+# Sizes are drawn from a table: a single random() per choice keeps the load mode fast.
+SIZES = tuple(f"{(i * 7919) % 100_000 / 1000 + 0.001:.3f}" for i in range(256))
 
 
 class TradeGenerator(Generator):
@@ -186,18 +200,20 @@ class TradeGenerator(Generator):
         self.seq = 0
 
     def next(self) -> dict[str, Any]:
-        ts = now_ms()
+        ts, r = now_ms(), self.rng.random
         trades = []
-        for _ in range(self.rng.randrange(1, 4)):
+        for _ in range(1 + int(r() * 3)):
             self.seq += 1
+            x = r()
+            self.mid = max(1.0, self.mid + (TICK if x < 0.33 else -TICK if x > 0.66 else 0.0))
             trades.append(
                 {
                     "T": ts,
                     "s": self.symbol,
-                    "S": self.rng.choice(("Buy", "Sell")),
-                    "v": f"{self.rng.randrange(1, 10_000) / 1000:.3f}",
-                    "p": price_fmt(self.walk()),
-                    "L": self.rng.choice(("PlusTick", "ZeroPlusTick", "MinusTick", "ZeroMinusTick")),
+                    "S": "Buy" if x < 0.5 else "Sell",
+                    "v": SIZES[int(r() * 256)],
+                    "p": f"{self.mid:.2f}",
+                    "L": TICK_DIRECTIONS[int(x * 4)],
                     "i": str(self.seq),
                     "BT": False,
                     "seq": self.seq,
@@ -243,17 +259,27 @@ class TickerGenerator(Generator):
             )
         return fields
 
+    def moved(self) -> dict[str, str]:
+        """The fields a price move changes."""
+        last = self.walk()
+        return {
+            "symbol": self.symbol,
+            "lastPrice": price_fmt(last),
+            "bid1Price": price_fmt(last - TICK),
+            "ask1Price": price_fmt(last + TICK),
+            "bid1Size": SIZES[int(self.rng.random() * 256)],
+            "ask1Size": SIZES[int(self.rng.random() * 256)],
+        }
+
     def next(self) -> dict[str, Any]:
         self.cs += 1
-        full = self.full()
         if self.category in ("linear", "inverse") and self.state:
-            changed = {k: v for k, v in full.items() if self.state.get(k) != v}
-            changed["symbol"] = self.symbol
-            self.state.update(full)
+            changed = self.moved()
+            self.state.update(changed)
             data, kind = changed, "delta"
         else:
-            self.state = full
-            data, kind = dict(full), "snapshot"
+            self.state = self.full()
+            data, kind = dict(self.state), "snapshot"
         return {"topic": self.topic, "type": kind, "cs": self.cs, "ts": now_ms(), "data": data}
 
 
