@@ -11,7 +11,11 @@ import orjson
 
 
 def consume(url: str, queue: str, results: Connection, idle_stop: float = 1.5) -> None:
-    """Consume until told to stop and the queue stays idle; send the tallies back on `results`."""
+    """Consume until told to stop and the queue stays idle; send the tallies back on `results`.
+
+    Latencies count only from the "measure" message on, so the backlog that built up before
+    the consumer started does not pass for delivery latency.
+    """
     from streaming.publisher import amqp_params
 
     conn = amqp.Connection(**amqp_params(url))
@@ -45,8 +49,10 @@ def consume(url: str, queue: str, results: Connection, idle_stop: float = 1.5) -
     idle_since = time.monotonic()
     while True:
         if not stopping and results.poll():
-            results.recv()
-            stopping, idle_since = True, time.monotonic()
+            if results.recv() == "measure":
+                tally["latencies_ms"] = []
+            else:
+                stopping, idle_since = True, time.monotonic()
         try:
             conn.drain_events(timeout=0.2)
             idle_since = time.monotonic()

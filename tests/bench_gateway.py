@@ -151,7 +151,8 @@ def run_path(symbols: int, rate: str, seconds: float, gateway_env: dict[str, str
             target=consume, args=(AMQP_URL, f"ws-gateway.{SERVICE}.orderbook", child)
         )
         consumer.start()
-        time.sleep(2.0)  # warm-up: sockets subscribed, snapshots through, queues flowing
+        time.sleep(3.0)  # warm-up: sockets subscribed, snapshots through, backlog drained
+        parent.send("measure")
         before = gateway_status()["counters"]
         cpu0, _ = proc_stats(gateway.pid)
         t0 = time.monotonic()

@@ -1,0 +1,92 @@
+"""`make bench`: every benchmark in one run on this machine; a table, and bench-results.json.
+
+usage: python -m tests.bench [all|publish|sim|gateway]
+Figures are meant to be read as ratios against baselines measured in the same run: the
+machine is shared and noisy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench-results.json"
+
+
+def setup_django() -> None:
+    from tests import bench_gateway
+
+    os.environ.update(bench_gateway.env())
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "wsgateway.settings")
+    import django
+
+    django.setup()
+
+
+def table(rows: list[tuple[str, Any, str]]) -> str:
+    width = max(len(name) for name, _, _ in rows)
+    return "\n".join(f"  {name:<{width}}  {value!s:>12}  {note}" for name, value, note in rows)
+
+
+def main(which: str) -> dict[str, Any]:
+    setup_django()
+    from tests import bench_gateway, bench_publish, bench_sim
+
+    results: dict[str, Any] = {}
+    rows: list[tuple[str, Any, str]] = []
+    if which in ("all", "sim"):
+        sim = bench_sim.run(5.0)
+        results.update(sim)
+        rows += [
+            ("simulator msgs/s", sim["sim_msgs_per_s"], "one process, mixed market data, frame-counting client"),
+            ("websockets client msgs/s", sim["client_msgs_per_s"], "same simulator, a plain websockets client"),
+        ]
+    if which in ("all", "publish", "gateway"):
+        publish = bench_publish.run(30_000)
+        results.update(publish)
+        rows += [
+            ("(a) raw publish/s", publish["raw_publish_per_s"], "bare py-amqp, pipelined confirms (perf-notes loop)"),
+            ("    raw CPU us/msg", publish["raw_publish_cpu_us"], ""),
+            ("    Publisher alone/s", publish["publisher_per_s"], f"x{publish['publisher_vs_raw']} of (a)"),
+            ("    Publisher CPU us/msg", publish["publisher_cpu_us"], ""),
+        ]
+    if which in ("all", "gateway"):
+        full = bench_gateway.run_path(200, "max", 10)
+        paced = bench_gateway.run_path(40, "1", 10)
+        memory = bench_gateway.run_path(500, "0.2", 10)
+        raw = results.get("raw_publish_per_s") or 1
+        results.update(
+            gateway_per_s=full["gateway_per_s"],
+            ratio=round(full["gateway_per_s"] / raw, 2),
+            lost=full["lost"] + paced["lost"] + memory["lost"],
+            dropped=full["dropped"],
+            latency_p50_ms=paced["latency_p50_ms"],
+            latency_p99_ms=paced["latency_p99_ms"],
+            latency_max_ms=paced["latency_max_ms"],
+            cpu_us_per_event=memory["cpu_us_per_event"],
+            rss_mb=memory["rss_mb"],
+            full=full,
+            latency=paced,
+            memory=memory,
+        )
+        rows += [
+            ("(b) gateway events/s", full["gateway_per_s"], f"ratio {results['ratio']} of (a); simulator at max, 200 books"),
+            ("    lost / dropped", f"{full['lost']} / {full['dropped']}", "lost: read but never delivered"),
+            ("(c) latency p50 ms", paced["latency_p50_ms"], "at 2,000 events/s, simulator send -> consumer"),
+            ("    latency p99 ms", paced["latency_p99_ms"], ""),
+            ("    latency max ms", paced["latency_max_ms"], ""),
+            ("(d) CPU us/event", memory["cpu_us_per_event"], "500 topics subscribed, 5,000 events/s"),
+            ("    peak RSS MB", memory["rss_mb"], ""),
+        ]
+    print(table(rows))
+    RESULTS.write_text(json.dumps(results, indent=2, sort_keys=True))
+    print(f"\nwritten to {RESULTS.name}")
+    return results
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else "all")
