@@ -324,7 +324,10 @@ class Publisher:
                 self.conn.heartbeat_tick()
                 timeout = 1.0
                 continue
-            self.conn.drain_events(timeout=max(timeout, 1.0))
+            try:
+                self.conn.drain_events(timeout=max(timeout, 1.0))
+            except TimeoutError:
+                pass  # only a heartbeat arrived: nothing to settle, the connection is fine
             timeout = 0
             must_wait = len(self.unconfirmed) >= self.window
 

@@ -139,7 +139,7 @@ class Bindings:
             for (queue, key), event_class in needed.items():
                 if (queue, key) in self.bound:
                     continue
-                channel.queue_declare(queue, durable=True, auto_delete=False, arguments=queue_arguments(event_class))
+                channel = self.declare(channel, queue, event_class)
                 channel.queue_bind(queue, EXCHANGE, key)
                 self.bound.add((queue, key))
                 log.info("queue.bound", queue=queue, routing_key=key)
@@ -156,6 +156,23 @@ class Bindings:
             log.warning("queue.declare_failed", error=f"{type(exc).__name__}: {exc}"[:200])
             self.close()
             raise
+
+    def declare(self, channel: amqp.Channel, queue: str, event_class: str) -> amqp.Channel:
+        """Declare a service queue; one that exists with other arguments is used as it is.
+
+        Changing a QUEUE_MAX_LENGTH_* setting does not change queues that already exist
+        (RabbitMQ refuses a redeclare with other arguments): we keep delivering to them and say
+        so, rather than stop every subscription. Delete the queue to apply the new limit.
+        """
+        arguments = queue_arguments(event_class)
+        try:
+            channel.queue_declare(queue, durable=True, auto_delete=False, arguments=arguments)
+            return channel
+        except amqp.exceptions.PreconditionFailed as exc:
+            log.warning("queue.arguments_differ", queue=queue, wanted=arguments, error=str(exc)[:300])
+            self.channel = channel = self.conn.channel()  # type: ignore[union-attr] - the error closed the channel
+            channel.queue_declare(queue, passive=True)
+            return channel
 
     def open(self) -> amqp.Channel:
         if self.channel is None or self.conn is None or not self.conn.connected:

@@ -61,11 +61,14 @@ def rabbit_vhost() -> Iterator[str]:
 
 
 @pytest.fixture
-def rabbit(rabbit_vhost: str, settings) -> str:  # noqa: ANN001 - pytest-django's settings fixture
-    """Point the project at the test vhost for this test; returns the AMQP URL."""
+def rabbit(rabbit_vhost: str, settings) -> Iterator[str]:  # noqa: ANN001 - pytest-django's settings fixture
+    """Point the project at the test vhost for this test; returns the AMQP URL. Its queues go after."""
     settings.RABBITMQ_URL = rabbit_vhost
     settings.CELERY_BROKER_URL = rabbit_vhost
-    return rabbit_vhost
+    yield rabbit_vhost
+    vhost = urlsplit(rabbit_vhost).path[1:]
+    for queue in management_api(f"/queues/{vhost}").json():
+        management_api(f"/queues/{vhost}/{quote(queue['name'], safe='')}", "DELETE")
 
 
 @pytest.fixture

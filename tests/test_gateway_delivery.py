@@ -105,3 +105,20 @@ def test_private_subscription_without_credentials_fails_clearly(start_gateway, g
     subscription, _ = subscription_create(service_name="alpha", channel="execution")
     wait_for(lambda: status_of(subscription) == "failed")
     assert "BYBIT_API_KEY" in subscription.error
+
+
+def test_a_queue_with_other_arguments_is_used_and_blocks_nobody(start_gateway, simulator, rabbit) -> None:
+    """A retention setting changed after the queue was made: the old queue keeps delivering."""
+    from streaming.publisher import connect
+
+    conn = connect(rabbit)
+    conn.channel().queue_declare("ws-gateway.alpha.trade", durable=True, auto_delete=False,
+                                 arguments={"x-max-length": 7})  # fmt: skip
+    conn.close()
+    start_gateway()
+    trades, _ = subscription_create(service_name="alpha", channel="trades", category="linear", symbol="BTCUSDT")
+    book, _ = subscription_create(service_name="bravo", channel="orderbook", category="spot", symbol="BTCUSDT", depth=1)
+    wait_for(lambda: status_of(trades) == "active" and status_of(book) == "active", message="both active")
+    reader = QueueReader(rabbit, "ws-gateway.alpha.trade")
+    reader.wait(lambda m: len(m) >= 2, message="trades in the pre-existing queue")
+    reader.close()
