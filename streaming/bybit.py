@@ -354,7 +354,11 @@ class BybitSocket:
             await self.authenticate(ws)
         self.state = "connected"
         if self.down_since is not None:
-            self.last_outage = {"from": self.down_since, "to": time.time(), "seconds": round(time.time() - self.down_since, 3)}
+            self.last_outage = {
+                "from": self.down_since,
+                "to": time.time(),
+                "seconds": round(time.time() - self.down_since, 3),
+            }
             log.info("bybit.reconnected", socket=self.name, outage_seconds=self.last_outage["seconds"])
             self.down_since = None
         else:

@@ -71,8 +71,12 @@ def encode_publish(channel_id: int, exchange: bytes, event: Event, frame_max: in
         + struct.pack(">Q", event.received_ts // 1000)
     )
     parts = [
-        struct.pack(">BHI", 1, channel_id, len(method)), method, FRAME_END,
-        struct.pack(">BHI", 2, channel_id, len(header)), header, FRAME_END,
+        struct.pack(">BHI", 1, channel_id, len(method)),
+        method,
+        FRAME_END,
+        struct.pack(">BHI", 2, channel_id, len(header)),
+        header,
+        FRAME_END,
     ]
     chunk = frame_max - 8
     for start in range(0, len(body), chunk):
@@ -215,13 +219,15 @@ class Publisher:
                 self.pump()
                 self.close()
                 return
-            except (OSError, amqp.exceptions.AMQPError, socket.timeout) as exc:
+            except (TimeoutError, OSError, amqp.exceptions.AMQPError) as exc:
                 self.connection_lost(exc)
             if self.stopping.is_set() and not self.in_flight and not len(self.handoff):
                 return
             delay = random.uniform(0, min(self.backoff_cap, self.backoff_base * 2**attempt))
             attempt += 1
-            log.warning("publisher.reconnecting", delay=round(delay, 3), error=self.last_error, in_flight=self.in_flight)
+            log.warning(
+                "publisher.reconnecting", delay=round(delay, 3), error=self.last_error, in_flight=self.in_flight
+            )
             # A stop request does not cut the wait short: unconfirmed events still need a broker.
             time.sleep(delay)
 

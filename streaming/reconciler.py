@@ -64,9 +64,9 @@ def rows_filter(socket_category: str, topics: Iterable[str]) -> dict[str, object
 def mark_active(socket_category: str, topics: list[str]) -> int:
     """Bybit confirmed these topics: their pending rows become active."""
     close_old_connections()
-    return Subscription.objects.filter(status=Subscription.Status.PENDING, **rows_filter(socket_category, topics)).update(
-        status=Subscription.Status.ACTIVE, error="", updated_at=timezone.now()
-    )
+    return Subscription.objects.filter(
+        status=Subscription.Status.PENDING, **rows_filter(socket_category, topics)
+    ).update(status=Subscription.Status.ACTIVE, error="", updated_at=timezone.now())
 
 
 def mark_failed(socket_category: str, topics: list[str] | None, message: str) -> int:
@@ -108,7 +108,11 @@ def assign(wanted: dict[str, set[str]], current: dict[str, tuple[str, set[str]]]
             if (category, topic) in placed:
                 continue
             target = next(
-                (n for n, (c, ts) in sorted(plan.items()) if c == category and (category == PRIVATE or fits(ts, topic))),
+                (
+                    n
+                    for n, (c, ts) in sorted(plan.items())
+                    if c == category and (category == PRIVATE or fits(ts, topic))
+                ),
                 None,
             )
             if target is None:

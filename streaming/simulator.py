@@ -139,7 +139,9 @@ class Simulator:
             "/control/faults/refuse": lambda b: self.refuse(float(b.get("seconds", 5))),
             "/control/faults/reject_auth": lambda b: self.reject_auth(bool(b.get("on", True))),
             "/control/faults/delay_pongs": lambda b: self.delay_pongs(float(b.get("seconds", 1))),
-            "/control/faults/malformed": lambda b: self.send_malformed(b.get("kind", "invalid_json"), b.get("category")),
+            "/control/faults/malformed": lambda b: self.send_malformed(
+                b.get("kind", "invalid_json"), b.get("category")
+            ),
             "/control/faults/gap": lambda b: self.gap(b["category"], b["topic"]),
             "/control/faults/restart_book": lambda b: self.restart_book(b["category"], b["topic"]),
         }
@@ -243,7 +245,9 @@ class Simulator:
             if not isinstance(msg, dict):
                 raise ValueError("not an object")
         except ValueError as exc:
-            await self.reply(client, {"success": False, "ret_msg": RET_DECODE.format(error=exc), "conn_id": client.conn_id})
+            await self.reply(
+                client, {"success": False, "ret_msg": RET_DECODE.format(error=exc), "conn_id": client.conn_id}
+            )
             return
         op, req_id = msg.get("op"), msg.get("req_id")
         self.requests[-1].update(op=op, args=msg.get("args"))
@@ -295,9 +299,9 @@ class Simulator:
         """Apply a subscribe request whole or not at all; name the first refused topic."""
         if client.category == "spot" and len(args) > SPOT_ARGS_PER_REQUEST:
             return {"success": False, "ret_msg": RET_ARGS_SIZE}
-        if client.category in ("linear", "inverse", "option"):
-            if sum(map(len, client.topics | set(args))) > ARGS_CHARS_PER_CONNECTION:
-                return {"success": False, "ret_msg": RET_ARGS_LENGTH}
+        chars = sum(map(len, client.topics | set(args)))
+        if client.category in ("linear", "inverse", "option") and chars > ARGS_CHARS_PER_CONNECTION:
+            return {"success": False, "ret_msg": RET_ARGS_LENGTH}
         for topic in args:
             if client.category == "private":
                 if topic not in PRIVATE_TOPICS:
@@ -477,7 +481,9 @@ class Simulator:
 
     def stats(self) -> dict[str, Any]:
         return {
-            "connections": [{"category": c.category, "topics": sorted(c.topics), "authed": c.authed} for c in self.clients],
+            "connections": [
+                {"category": c.category, "topics": sorted(c.topics), "authed": c.authed} for c in self.clients
+            ],
             "sent": {f"{cat}:{topic}": n for (cat, topic), n in sorted(self.sent.items())},
             "subscribes": {f"{cat}:{topic}": n for (cat, topic), n in sorted(self.subscribes.items())},
             "requests": len(self.requests),

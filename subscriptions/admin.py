@@ -15,7 +15,16 @@ from subscriptions.models import ApiKey, Subscription
 
 @admin.register(Subscription)
 class SubscriptionAdmin(admin.ModelAdmin):
-    list_display = ["service_name", "channel", "category", "symbol", "bybit_topic", "status", "last_event_at", "created_at"]
+    list_display = [
+        "service_name",
+        "channel",
+        "category",
+        "symbol",
+        "bybit_topic",
+        "status",
+        "last_event_at",
+        "created_at",
+    ]
     list_filter = ["status", "channel", "category", "event_class", "service_name"]
     search_fields = ["service_name", "symbol", "bybit_topic", "routing_key", "id"]
     readonly_fields = [f.name for f in Subscription._meta.fields]

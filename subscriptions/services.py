@@ -20,7 +20,13 @@ CONTROL_EXCHANGE = Exchange(topics.CONTROL_EXCHANGE, type="topic", durable=True)
 
 
 def subscription_create(
-    *, service_name: str, channel: str, category: str = "", symbol: str = "", depth: int | None = None, interval: str = ""
+    *,
+    service_name: str,
+    channel: str,
+    category: str = "",
+    symbol: str = "",
+    depth: int | None = None,
+    interval: str = "",
 ) -> tuple[Subscription, bool]:
     """Return the service's live subscription to this stream, creating it if needed; True if created.
 
@@ -68,8 +74,10 @@ def subscription_cancel(*, subscription: Subscription) -> Subscription:
     if subscription.status == Subscription.Status.CANCELLED:
         return subscription
     now = timezone.now()
-    updated = Subscription.objects.filter(pk=subscription.pk).exclude(status=Subscription.Status.CANCELLED).update(
-        status=Subscription.Status.CANCELLED, cancelled_at=now, updated_at=now
+    updated = (
+        Subscription.objects.filter(pk=subscription.pk)
+        .exclude(status=Subscription.Status.CANCELLED)
+        .update(status=Subscription.Status.CANCELLED, cancelled_at=now, updated_at=now)
     )
     subscription.refresh_from_db()
     if updated:

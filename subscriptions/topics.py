@@ -94,9 +94,7 @@ def queue_name(service_name: str, event_class: str) -> str:
     return f"{QUEUE_PREFIX}.{service_name}.{event_class}"
 
 
-def resolve(
-    channel: str, category: str = "", symbol: str = "", depth: int | None = None, interval: str = ""
-) -> Topic:
+def resolve(channel: str, category: str = "", symbol: str = "", depth: int | None = None, interval: str = "") -> Topic:
     """Validate a request against Bybit's rules and derive its topic; raise TopicError."""
     spec = CHANNELS.get(channel)
     if spec is None:
@@ -110,7 +108,9 @@ def resolve(
     if not category:
         raise TopicError("category", f"channel {channel!r} needs a category")
     if category not in spec.categories:
-        raise TopicError("category", f"channel {channel!r} is not offered on {category!r}; use {', '.join(spec.categories)}")
+        raise TopicError(
+            "category", f"channel {channel!r} is not offered on {category!r}; use {', '.join(spec.categories)}"
+        )
     if not symbol:
         raise TopicError("symbol", f"channel {channel!r} needs a symbol")
     check_symbol(channel, category, symbol)
@@ -130,9 +130,17 @@ def resolve(
     elif interval:
         raise TopicError("interval", f"channel {channel!r} takes no interval")
 
-    parts = [spec.bybit, *( [str(depth)] if spec.has_depth else []), *([interval] if spec.has_interval else []), symbol]
-    routing = [spec.event_class, category, symbol, *([str(depth)] if spec.has_depth else []), *([interval] if spec.has_interval else [])]
-    return Topic(channel, spec.event_class, category, symbol, depth, interval, ".".join(parts), ".".join(routing), False)
+    parts = [spec.bybit, *([str(depth)] if spec.has_depth else []), *([interval] if spec.has_interval else []), symbol]
+    routing = [
+        spec.event_class,
+        category,
+        symbol,
+        *([str(depth)] if spec.has_depth else []),
+        *([interval] if spec.has_interval else []),
+    ]
+    return Topic(
+        channel, spec.event_class, category, symbol, depth, interval, ".".join(parts), ".".join(routing), False
+    )
 
 
 def check_symbol(channel: str, category: str, symbol: str) -> None:
@@ -149,7 +157,8 @@ def check_symbol(channel: str, category: str, symbol: str) -> None:
 def check_service_name(name: str) -> None:
     if not SERVICE_NAME_PATTERN.match(name):
         raise TopicError(
-            "service_name", "service names are 1-63 characters of a-z, 0-9, '-' and '_', starting with a letter or digit"
+            "service_name",
+            "service names are 1-63 characters of a-z, 0-9, '-' and '_', starting with a letter or digit",
         )
 
 

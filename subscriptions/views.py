@@ -92,7 +92,9 @@ class SubscriptionViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, Gene
         assert caller.service_name is not None
         return caller.service_name
 
-    @extend_schema(request=SubscriptionRequestSerializer, responses={200: SubscriptionSerializer, 201: SubscriptionSerializer})
+    @extend_schema(
+        request=SubscriptionRequestSerializer, responses={200: SubscriptionSerializer, 201: SubscriptionSerializer}
+    )
     def create(self, request: Request) -> Response:
         """Subscribe; 201 with the new row, or 200 with the live row that already exists."""
         data = SubscriptionRequestSerializer(data=request.data)

@@ -74,7 +74,11 @@ def main(which: str) -> dict[str, Any]:
             memory=memory,
         )
         rows += [
-            ("(b) gateway events/s", full["gateway_per_s"], f"ratio {results['ratio']} of (a); simulator at max, 200 books"),
+            (
+                "(b) gateway events/s",
+                full["gateway_per_s"],
+                f"ratio {results['ratio']} of (a); simulator at max, 200 books",
+            ),
             ("    lost / dropped", f"{full['lost']} / {full['dropped']}", "lost: read but never delivered"),
             ("(c) latency p50 ms", paced["latency_p50_ms"], "at 2,000 events/s, simulator send -> consumer"),
             ("    latency p99 ms", paced["latency_p99_ms"], ""),

@@ -63,8 +63,9 @@ def prepare() -> None:
     api = "http://127.0.0.1:15672/api"
     requests.delete(f"{api}/vhosts/{quote(VHOST, safe='')}", auth=("guest", "guest"), timeout=10)
     requests.put(f"{api}/vhosts/{quote(VHOST, safe='')}", auth=("guest", "guest"), timeout=10).raise_for_status()
-    requests.put(f"{api}/permissions/{quote(VHOST, safe='')}/guest", json={"configure": ".*", "write": ".*", "read": ".*"},
-                 auth=("guest", "guest"), timeout=10).raise_for_status()  # fmt: skip
+    everything = {"configure": ".*", "write": ".*", "read": ".*"}
+    permissions = f"{api}/permissions/{quote(VHOST, safe='')}/guest"
+    requests.put(permissions, json=everything, auth=("guest", "guest"), timeout=10).raise_for_status()
     client = redis.Redis()
     for key in client.scan_iter(match=PREFIX + "*"):
         client.delete(key)
@@ -91,7 +92,7 @@ def subscribe(symbols: int, depth: int = 50) -> None:
 
 
 def start(args: list[str], extra_env: dict[str, str] | None = None) -> subprocess.Popen:
-    log = tempfile.TemporaryFile()
+    log = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the process writing to it
     return subprocess.Popen([sys.executable, "manage.py", *args], cwd=ROOT, env=env(**(extra_env or {})), stderr=log)
 
 

@@ -20,11 +20,31 @@ URL = os.environ.get("BENCH_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672//"
 EXCHANGE, QUEUE, KEY = "ws-gateway.events", "ws-gateway.bench.raw", "trade.linear.BTCUSDT"
 BODY = orjson.dumps(
     {
-        "id": "0", "class": "trade", "topic": "publicTrade.BTCUSDT", "category": "linear", "symbol": "BTCUSDT",
-        "type": "snapshot", "exchange_ts": 1700000000000, "received_ts": 1700000000001, "trace_id": "t",
-        "u": None, "seq": 1, "cts": None,
-        "data": [{"T": 1700000000000, "s": "BTCUSDT", "S": "Buy", "v": "0.001", "p": "37000.50", "L": "PlusTick",
-                  "i": "20f43950-d8dd-5b31-9112-a178eb6023af", "BT": False, "seq": 1}],
+        "id": "0",
+        "class": "trade",
+        "topic": "publicTrade.BTCUSDT",
+        "category": "linear",
+        "symbol": "BTCUSDT",
+        "type": "snapshot",
+        "exchange_ts": 1700000000000,
+        "received_ts": 1700000000001,
+        "trace_id": "t",
+        "u": None,
+        "seq": 1,
+        "cts": None,
+        "data": [
+            {
+                "T": 1700000000000,
+                "s": "BTCUSDT",
+                "S": "Buy",
+                "v": "0.001",
+                "p": "37000.50",
+                "L": "PlusTick",
+                "i": "20f43950-d8dd-5b31-9112-a178eb6023af",
+                "BT": False,
+                "seq": 1,
+            }
+        ],
     }
 )
 
@@ -63,8 +83,9 @@ def raw_pyamqp(n: int, window: int = 2000) -> dict[str, float]:
     ch.confirm_select()
     t0, c0 = time.perf_counter(), cpu()
     for i in range(1, n + 1):
-        ch._basic_publish(amqp.Message(BODY, delivery_mode=1, content_type="application/json"), exchange=EXCHANGE,
-                          routing_key=KEY)
+        ch._basic_publish(
+            amqp.Message(BODY, delivery_mode=1, content_type="application/json"), exchange=EXCHANGE, routing_key=KEY
+        )
         while i - acked[0] > window:
             conn.drain_events(timeout=5)
     while acked[0] < n:

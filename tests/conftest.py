@@ -16,7 +16,9 @@ from django.conf import settings
 TIMEOUT_FACTOR = float(os.environ.get("WSGATEWAY_TESTS_TIMEOUT_FACTOR", "1"))
 
 
-def wait_for(condition: Callable[[], object], timeout: float = 5.0, interval: float = 0.02, message: str = "") -> object:
+def wait_for(
+    condition: Callable[[], object], timeout: float = 5.0, interval: float = 0.02, message: str = ""
+) -> object:
     """Poll `condition` until it returns something truthy; fail the test after `timeout` seconds."""
     deadline = time.monotonic() + timeout * TIMEOUT_FACTOR
     while True:
@@ -61,7 +63,7 @@ def rabbit_vhost() -> Iterator[str]:
 
 
 @pytest.fixture
-def rabbit(rabbit_vhost: str, settings) -> Iterator[str]:  # noqa: ANN001 - pytest-django's settings fixture
+def rabbit(rabbit_vhost: str, settings) -> Iterator[str]:
     """Point the project at the test vhost for this test; returns the AMQP URL. Its queues go after."""
     settings.RABBITMQ_URL = rabbit_vhost
     settings.CELERY_BROKER_URL = rabbit_vhost
@@ -72,7 +74,7 @@ def rabbit(rabbit_vhost: str, settings) -> Iterator[str]:  # noqa: ANN001 - pyte
 
 
 @pytest.fixture
-def redis_prefix(settings) -> Iterator[str]:  # noqa: ANN001
+def redis_prefix(settings) -> Iterator[str]:
     """A Redis key prefix of this test; its keys are deleted afterwards."""
     prefix = f"wsgateway-test:{uuid.uuid4().hex[:8]}:"
     url = settings.REDIS_URL  # a test may point the project elsewhere; clean up the real one
@@ -100,13 +102,13 @@ class SimulatorThread:
         self.thread.start()
         self.call(self.sim.start())
 
-    def call(self, coro, timeout: float = 10.0):  # noqa: ANN001, ANN201 - any coroutine of the simulator
+    def call(self, coro, timeout: float = 10.0):
         """Run a coroutine on the simulator's loop and return its result."""
         import asyncio
 
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout * TIMEOUT_FACTOR)
 
-    def __getattr__(self, name: str):  # noqa: ANN204 - stats(), sent, url... read straight from the simulator
+    def __getattr__(self, name: str):
         return getattr(self.sim, name)
 
     def close(self) -> None:
@@ -155,7 +157,7 @@ class GatewayThread:
 
 
 @pytest.fixture
-def gateway_settings(settings, rabbit: str, redis_prefix: str, simulator, simulator_credentials):  # noqa: ANN001, ANN201
+def gateway_settings(settings, rabbit: str, redis_prefix: str, simulator, simulator_credentials):
     """Point the gateway at the simulator, the test vhost and prefix, with test-sized timings."""
     settings.BYBIT_WS_URL = simulator.url
     settings.BYBIT_API_KEY, settings.BYBIT_API_SECRET = simulator_credentials
@@ -175,7 +177,7 @@ def gateway_settings(settings, rabbit: str, redis_prefix: str, simulator, simula
 
 
 @pytest.fixture
-def start_gateway(gateway_settings):  # noqa: ANN001, ANN201
+def start_gateway(gateway_settings):
     """Start gateways on demand; each is stopped (and checked to exit) after the test."""
     started: list[GatewayThread] = []
 
@@ -202,7 +204,7 @@ class QueueReader:
         self.messages: list[dict] = []
         self.raw: list = []
 
-        def on_message(message) -> None:  # noqa: ANN001
+        def on_message(message) -> None:
             self.raw.append(message)
             self.messages.append(orjson.loads(message.body))
 
@@ -218,7 +220,7 @@ class QueueReader:
             pass
         return len(self.messages)
 
-    def wait(self, condition, timeout: float = 10.0, message: str = "") -> None:  # noqa: ANN001
+    def wait(self, condition, timeout: float = 10.0, message: str = "") -> None:
         wait_for(lambda: self.drain() >= 0 and condition(self.messages), timeout, interval=0, message=message)
 
     def close(self) -> None:
@@ -226,7 +228,7 @@ class QueueReader:
 
 
 @pytest.fixture
-def service_key(db) -> str:  # noqa: ANN001
+def service_key(db) -> str:
     """The raw API key of service "alpha"."""
     from subscriptions.services import api_key_issue
 
@@ -234,7 +236,7 @@ def service_key(db) -> str:  # noqa: ANN001
 
 
 @pytest.fixture
-def other_key(db) -> str:  # noqa: ANN001
+def other_key(db) -> str:
     """The raw API key of service "bravo", who must not see alpha's rows."""
     from subscriptions.services import api_key_issue
 
@@ -242,7 +244,7 @@ def other_key(db) -> str:  # noqa: ANN001
 
 
 @pytest.fixture
-def api_client(service_key: str):  # noqa: ANN201
+def api_client(service_key: str):
     from rest_framework.test import APIClient
 
     client = APIClient()
@@ -254,7 +256,7 @@ OPERATOR_KEY = "wsg_operator_test_key_0123456789abcdef"
 
 
 @pytest.fixture
-def operator_client(db, settings):  # noqa: ANN001, ANN201
+def operator_client(db, settings):
     from rest_framework.test import APIClient
 
     settings.WS_GATEWAY_API_KEY = OPERATOR_KEY

@@ -42,7 +42,9 @@ def test_revoke_action_disables_the_key(admin_client_: Client, service_key: str)
 
 def test_cancel_action_cancels_selected_subscriptions(admin_client_: Client) -> None:
     row, _ = subscription_create(service_name="alpha", channel="order")
-    admin_client_.post("/admin/subscriptions/subscription/", {"action": "cancel_selected", "_selected_action": [row.pk]})
+    admin_client_.post(
+        "/admin/subscriptions/subscription/", {"action": "cancel_selected", "_selected_action": [row.pk]}
+    )
     row.refresh_from_db()
     assert row.status == Subscription.Status.CANCELLED
 

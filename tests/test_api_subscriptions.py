@@ -47,7 +47,11 @@ def test_a_cancelled_subscription_can_be_made_again(api_client: APIClient) -> No
         ({"channel": "trades", "category": "linear", "symbol": "btcusdt"}, "symbol", "is not a Bybit linear symbol"),
         ({"channel": "trades", "category": "linear", "symbol": "BTC/USDT"}, "symbol", "is not a Bybit linear symbol"),
         ({"channel": "orderbook", "category": "linear", "symbol": "BTCUSDT", "depth": 500}, "depth", "not offered"),
-        ({"channel": "orderbook", "category": "option", "symbol": "BTC-26DEC26-100000-C", "depth": 50}, "depth", "25, 100"),
+        (
+            {"channel": "orderbook", "category": "option", "symbol": "BTC-26DEC26-100000-C", "depth": 50},
+            "depth",
+            "25, 100",
+        ),
         ({"channel": "orderbook", "category": "linear", "symbol": "BTCUSDT"}, "depth", "needs a depth"),
         ({"channel": "kline", "category": "linear", "symbol": "BTCUSDT", "interval": "2"}, "interval", "not offered"),
         ({"channel": "order", "category": "linear"}, "category", "takes no category"),
@@ -59,7 +63,9 @@ def test_a_cancelled_subscription_can_be_made_again(api_client: APIClient) -> No
         ({"channel": "trades", "category": "linear", "symbol": "BTCUSDT", "depth": "x"}, "depth", "valid integer"),
     ],
 )
-def test_bad_input_is_400_naming_the_field_and_reason(api_client: APIClient, body: dict, field: str, reason: str) -> None:
+def test_bad_input_is_400_naming_the_field_and_reason(
+    api_client: APIClient, body: dict, field: str, reason: str
+) -> None:
     response = api_client.post(URL, body, format="json")
     assert response.status_code == 400
     error = response.json()

@@ -46,8 +46,12 @@ def test_new_subscription_is_subscribed_upstream_within_a_second(start_gateway, 
 
 def test_two_services_share_one_upstream_subscription(start_gateway, simulator, rabbit) -> None:
     start_gateway()
-    first, _ = subscription_create(service_name="alpha", channel="orderbook", category="linear", symbol="ETHUSDT", depth=50)
-    second, _ = subscription_create(service_name="bravo", channel="orderbook", category="linear", symbol="ETHUSDT", depth=50)
+    first, _ = subscription_create(
+        service_name="alpha", channel="orderbook", category="linear", symbol="ETHUSDT", depth=50
+    )
+    second, _ = subscription_create(
+        service_name="bravo", channel="orderbook", category="linear", symbol="ETHUSDT", depth=50
+    )
     wait_for(lambda: status_of(first) == "active" and status_of(second) == "active", message="both active")
     alpha = QueueReader(rabbit, "ws-gateway.alpha.orderbook")
     bravo = QueueReader(rabbit, "ws-gateway.bravo.orderbook")
@@ -66,7 +70,8 @@ def test_two_services_share_one_upstream_subscription(start_gateway, simulator, 
     subscription_cancel(subscription=second)
     wait_for(
         lambda: not any("orderbook.50.ETHUSDT" in c["topics"] for c in simulator.stats()["connections"]),
-        message="the upstream unsubscribe once nobody wants the topic", timeout=30,
+        message="the upstream unsubscribe once nobody wants the topic",
+        timeout=30,
     )
     alpha.close()
     bravo.close()

@@ -19,12 +19,14 @@ def active(*subscriptions: Subscription) -> bool:
 
 def subscribe_two() -> tuple[Subscription, Subscription]:
     trades, _ = subscription_create(service_name="alpha", channel="trades", category="linear", symbol="BTCUSDT")
-    book, _ = subscription_create(service_name="alpha", channel="orderbook", category="linear", symbol="BTCUSDT", depth=50)
+    book, _ = subscription_create(
+        service_name="alpha", channel="orderbook", category="linear", symbol="BTCUSDT", depth=50
+    )
     wait_for(lambda: active(trades, book), message="both subscriptions active")
     return trades, book
 
 
-def socket_status(runner) -> dict:  # noqa: ANN001
+def socket_status(runner) -> dict:
     (sock,) = runner.gateway.status()["sockets"]
     return sock
 
@@ -46,7 +48,9 @@ def test_dropped_connection_is_resubscribed_once_per_topic(start_gateway, simula
     reader.close()
 
 
-def test_stalled_exchange_socket_is_declared_dead_and_replaced(start_gateway, gateway_settings, simulator, rabbit) -> None:
+def test_stalled_exchange_socket_is_declared_dead_and_replaced(
+    start_gateway, gateway_settings, simulator, rabbit
+) -> None:
     gateway_settings.GATEWAY_DEAD_AFTER = 1.0
     runner = start_gateway()
     subscribe_two()
@@ -107,7 +111,9 @@ def test_rabbitmq_connection_closed_mid_stream_loses_no_event(start_gateway, gat
     gateway_settings.BYBIT_WS_URL = fast.url
     try:
         runner = start_gateway()
-        book, _ = subscription_create(service_name="alpha", channel="orderbook", category="linear", symbol="BTCUSDT", depth=1)
+        book, _ = subscription_create(
+            service_name="alpha", channel="orderbook", category="linear", symbol="BTCUSDT", depth=1
+        )
         wait_for(lambda: active(book))
         reader = QueueReader(rabbit, "ws-gateway.alpha.orderbook")
         reader.wait(lambda m: len(m) >= 200, message="the stream under way")

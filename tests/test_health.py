@@ -54,7 +54,7 @@ def get_health() -> tuple[int, dict, float]:
     return response.status_code, response.json(), time.monotonic() - started
 
 
-def point(settings, dependency: str, port: int) -> None:  # noqa: ANN001
+def point(settings, dependency: str, port: int) -> None:
     if dependency == "database":
         default = {**settings.DATABASES["default"], "HOST": "127.0.0.1", "PORT": str(port)}
         settings.DATABASES = {**settings.DATABASES, "default": default}
@@ -64,14 +64,14 @@ def point(settings, dependency: str, port: int) -> None:  # noqa: ANN001
         settings.REDIS_URL = f"redis://127.0.0.1:{port}/0"
 
 
-def write_status(settings, age: float) -> None:  # noqa: ANN001
+def write_status(settings, age: float) -> None:
     client = redis.Redis.from_url(settings.REDIS_URL)
     record = {"updated_at": time.time() - age, "state": "running", "circuit": {"state": "closed"}, "counters": {}}
     client.set(f"{settings.REDIS_KEY_PREFIX}gateway:status", orjson.dumps(record))
     client.close()
 
 
-def test_all_up_with_a_fresh_gateway_record_is_ok(settings, redis_prefix: str) -> None:  # noqa: ANN001
+def test_all_up_with_a_fresh_gateway_record_is_ok(settings, redis_prefix: str) -> None:
     write_status(settings, age=0.1)
     code, body, _ = get_health()
     assert code == 200 and body["status"] == "ok"
@@ -87,14 +87,14 @@ def test_no_gateway_record_is_degraded_not_down(redis_prefix: str) -> None:
     assert body["checks"]["gateway"]["status"] == "unknown"
 
 
-def test_an_old_gateway_record_is_stale(settings, redis_prefix: str) -> None:  # noqa: ANN001
+def test_an_old_gateway_record_is_stale(settings, redis_prefix: str) -> None:
     write_status(settings, age=settings.GATEWAY_STATUS_STALE_AFTER + 5)
     code, body, _ = get_health()
     assert (code, body["status"], body["checks"]["gateway"]["status"]) == (200, "degraded", "stale")
 
 
 @pytest.mark.parametrize("dependency", ["database", "rabbitmq", "redis"])
-def test_an_unreachable_dependency_is_down_503(settings, redis_prefix: str, dependency: str) -> None:  # noqa: ANN001
+def test_an_unreachable_dependency_is_down_503(settings, redis_prefix: str, dependency: str) -> None:
     point(settings, dependency, closed_port())
     code, body, elapsed = get_health()
     assert code == 503 and body["status"] == "down"
@@ -104,7 +104,7 @@ def test_an_unreachable_dependency_is_down_503(settings, redis_prefix: str, depe
 
 @pytest.mark.parametrize("dependency", ["database", "rabbitmq", "redis"])
 def test_a_hanging_dependency_still_gets_an_answer_within_2s(
-    settings, redis_prefix: str, silent_port: int, dependency: str  # noqa: ANN001
+    settings, redis_prefix: str, silent_port: int, dependency: str
 ) -> None:
     point(settings, dependency, silent_port)
     code, body, elapsed = get_health()
@@ -112,7 +112,7 @@ def test_a_hanging_dependency_still_gets_an_answer_within_2s(
     assert code == 503 and body["checks"][dependency]["status"] == "down"
 
 
-def test_health_never_shows_credentials(settings, redis_prefix: str) -> None:  # noqa: ANN001
+def test_health_never_shows_credentials(settings, redis_prefix: str) -> None:
     settings.RABBITMQ_URL = f"amqp://guest:topsecretpw@127.0.0.1:{closed_port()}//"
     _, body, _ = get_health()
     assert "topsecretpw" not in orjson.dumps(body).decode()

@@ -10,7 +10,7 @@ from django.conf import settings
 from streaming.lock import OwnerLock
 
 
-def run(coro):  # noqa: ANN001, ANN201 - a tiny sync shim for these async checks
+def run(coro):
     return asyncio.run(coro)
 
 

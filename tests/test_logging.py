@@ -48,7 +48,7 @@ def test_an_unsafe_request_id_is_replaced() -> None:
 
 
 def test_keys_secrets_and_url_passwords_never_reach_the_output(
-    rendered_logs: io.StringIO, capsys, service_key: str, settings  # noqa: ANN001
+    rendered_logs: io.StringIO, capsys, service_key: str, settings
 ) -> None:
     settings.BYBIT_API_SECRET = "bybit-secret-value-42"
     client = APIClient()

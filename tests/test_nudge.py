@@ -16,7 +16,7 @@ URL = "/api/v1/subscriptions"
 
 
 @pytest.fixture
-def control_queue(rabbit: str):  # noqa: ANN201
+def control_queue(rabbit: str):
     conn = connect(rabbit)
     channel = conn.channel()
     channel.exchange_declare(CONTROL_EXCHANGE, "topic", durable=True, auto_delete=False)
@@ -34,7 +34,7 @@ def control_queue(rabbit: str):  # noqa: ANN201
 
 
 def test_create_and_cancel_publish_a_nudge_after_commit(
-    api_client: APIClient, control_queue, django_capture_on_commit_callbacks  # noqa: ANN001
+    api_client: APIClient, control_queue, django_capture_on_commit_callbacks
 ) -> None:
     with django_capture_on_commit_callbacks(execute=True):
         created = api_client.post(URL, {"channel": "order"}, format="json").json()
@@ -50,7 +50,9 @@ def test_create_and_cancel_publish_a_nudge_after_commit(
     ]
 
 
-def test_a_second_identical_post_sends_no_nudge(api_client: APIClient, control_queue, django_capture_on_commit_callbacks) -> None:  # noqa: ANN001, E501
+def test_a_second_identical_post_sends_no_nudge(
+    api_client: APIClient, control_queue, django_capture_on_commit_callbacks
+) -> None:
     with django_capture_on_commit_callbacks(execute=True) as first:
         api_client.post(URL, {"channel": "order"}, format="json")
     with django_capture_on_commit_callbacks(execute=True) as second:
@@ -59,7 +61,7 @@ def test_a_second_identical_post_sends_no_nudge(api_client: APIClient, control_q
 
 
 def test_broker_down_still_answers_201_and_logs_the_failed_nudge(
-    api_client: APIClient, settings, django_capture_on_commit_callbacks  # noqa: ANN001
+    api_client: APIClient, settings, django_capture_on_commit_callbacks
 ) -> None:
     settings.RABBITMQ_URL = "amqp://guest:secretpw@127.0.0.1:1//"
     with structlog.testing.capture_logs() as logs, django_capture_on_commit_callbacks(execute=True):

@@ -16,7 +16,9 @@ from tests.conftest import close_publisher_connections, wait_for
 
 def make_event(n: int, private: bool = False, size: int = 0, routing_key: str = "trade.linear.BTCUSDT") -> Event:
     body = orjson.dumps({"id": f"run-{n}-0", "n": n, "pad": "x" * size})
-    return Event(f"run-{n}-0", f"run-{n}", "order" if private else "trade", routing_key, body, private, "t", 1_700_000_000_123)
+    return Event(
+        f"run-{n}-0", f"run-{n}", "order" if private else "trade", routing_key, body, private, "t", 1_700_000_000_123
+    )
 
 
 @pytest.fixture

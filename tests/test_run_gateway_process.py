@@ -32,7 +32,7 @@ def fast_simulator() -> Iterator[SimulatorThread]:
 
 
 @pytest.fixture
-def spawn(rabbit: str, redis_prefix: str, fast_simulator: SimulatorThread) -> Iterator:  # noqa: ANN001
+def spawn(rabbit: str, redis_prefix: str, fast_simulator: SimulatorThread) -> Iterator:
     """Start `manage.py run_gateway` processes wired to the test database, vhost, prefix and simulator."""
     db = settings.DATABASES["default"]
     env = {
@@ -55,7 +55,10 @@ def spawn(rabbit: str, redis_prefix: str, fast_simulator: SimulatorThread) -> It
     def start() -> subprocess.Popen:
         # Logs go to a file: a pipe nobody reads would block a chatty gateway.
         process = subprocess.Popen(
-            [sys.executable, "manage.py", "run_gateway"], cwd=ROOT, env=env, stderr=tempfile.TemporaryFile()
+            [sys.executable, "manage.py", "run_gateway"],
+            cwd=ROOT,
+            env=env,
+            stderr=tempfile.TemporaryFile(),  # noqa: SIM115
         )
         processes.append(process)
         return process
@@ -82,7 +85,9 @@ def lock_holder(prefix: str) -> str:
 
 
 def subscribe_book() -> Subscription:
-    book, _ = subscription_create(service_name="alpha", channel="orderbook", category="linear", symbol="BTCUSDT", depth=1)
+    book, _ = subscription_create(
+        service_name="alpha", channel="orderbook", category="linear", symbol="BTCUSDT", depth=1
+    )
     wait_for(lambda: (book.refresh_from_db() or book.status) == "active", timeout=10, message="the book to go live")
     return book
 
@@ -93,7 +98,7 @@ def assert_contiguous(messages: list[dict]) -> set[int]:
     return updates
 
 
-def test_sigterm_drains_every_event_and_exits_zero(spawn, rabbit: str, redis_prefix: str) -> None:  # noqa: ANN001
+def test_sigterm_drains_every_event_and_exits_zero(spawn, rabbit: str, redis_prefix: str) -> None:
     gateway = spawn()
     subscribe_book()
     reader = QueueReader(rabbit, "ws-gateway.alpha.orderbook")
@@ -111,7 +116,7 @@ def test_sigterm_drains_every_event_and_exits_zero(spawn, rabbit: str, redis_pre
     reader.close()
 
 
-def test_standby_takes_over_after_the_owner_is_killed(spawn, rabbit: str, redis_prefix: str) -> None:  # noqa: ANN001
+def test_standby_takes_over_after_the_owner_is_killed(spawn, rabbit: str, redis_prefix: str) -> None:
     owner = spawn()
     wait_for(lambda: f":{owner.pid}:" in lock_holder(redis_prefix), timeout=10, message="the first gateway to own")
     standby = spawn()

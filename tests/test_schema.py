@@ -17,7 +17,11 @@ def test_schema_is_valid_openapi_3_and_documents_the_key_header() -> None:
     schema = yaml.safe_load(response.content)
     validate(schema)
     assert schema["openapi"].startswith("3.")
-    assert schema["components"]["securitySchemes"]["ApiKeyAuth"] == {"type": "apiKey", "in": "header", "name": "X-API-Key"}
+    assert schema["components"]["securitySchemes"]["ApiKeyAuth"] == {
+        "type": "apiKey",
+        "in": "header",
+        "name": "X-API-Key",
+    }
     assert "/api/v1/subscriptions/by-service/{service_name}" in schema["paths"]
 
 

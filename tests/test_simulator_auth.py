@@ -22,7 +22,7 @@ def in_ms(seconds: float) -> int:
     return int((time.time() + seconds) * 1000)
 
 
-def run(test) -> None:  # noqa: ANN001
+def run(test) -> None:
     async def main() -> None:
         async with Simulator(credentials={KEY: SECRET}) as sim:
             await test(sim)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 
 import pytest
@@ -12,7 +13,7 @@ from streaming.simulator import Simulator
 from tests.simclient import BybitClient
 
 
-def run(test, **options: object) -> None:  # noqa: ANN001
+def run(test, **options: object) -> None:
     async def main() -> None:
         async with Simulator(**options) as sim:  # type: ignore[arg-type]
             await test(sim)
@@ -111,7 +112,7 @@ def test_gap_skips_one_update_id_and_restart_sends_u_1() -> None:
         await sim.gap("linear", "orderbook.50.BTCUSDT")
         frames += await client.data("orderbook.50.BTCUSDT", 2)
         updates = [f["data"]["u"] for f in frames]
-        assert any(b - a == 2 for a, b in zip(updates, updates[1:], strict=False))
+        assert any(b - a == 2 for a, b in itertools.pairwise(updates))
         await sim.restart_book("linear", "orderbook.50.BTCUSDT")
         (restarted,) = await client.data("orderbook.50.BTCUSDT", 1)
         assert (restarted["type"], restarted["data"]["u"]) == ("snapshot", 1)

@@ -29,7 +29,7 @@ class ReferenceBook:
                     side[Decimal(price)] = size
 
 
-def run(test, **options: object) -> None:  # noqa: ANN001
+def run(test, **options: object) -> None:
     async def main() -> None:
         async with Simulator(**options) as sim:  # type: ignore[arg-type]
             await test(sim)

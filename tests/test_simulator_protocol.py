@@ -33,7 +33,13 @@ def test_public_subscribe_is_acknowledged_in_bybits_shape() -> None:
 def test_unknown_symbol_topic_and_depth_are_refused_with_handler_not_found() -> None:
     async def test(sim: Simulator) -> None:
         client = await BybitClient.open(f"{sim.url}/v5/public/linear")
-        for topic in ("orderbook.50.NOPEUSDT", "orderbook.500.BTCUSDT", "nosuch.BTCUSDT", "publicTrade.btcusdt", "order"):
+        for topic in (
+            "orderbook.50.NOPEUSDT",
+            "orderbook.500.BTCUSDT",
+            "nosuch.BTCUSDT",
+            "publicTrade.btcusdt",
+            "order",
+        ):
             reply = await client.request("subscribe", [topic], req_id="e1")
             assert reply["success"] is False
             assert reply["ret_msg"] == f"error:handler not found,topic:{topic}"
@@ -102,7 +108,13 @@ def test_public_and_private_pongs_have_their_distinct_shapes() -> None:
     async def test(sim: Simulator) -> None:
         public = await BybitClient.open(f"{sim.url}/v5/public/spot")
         pong = await public.request("ping", req_id="100001")
-        assert pong == {"success": True, "ret_msg": "pong", "conn_id": pong["conn_id"], "op": "ping", "req_id": "100001"}
+        assert pong == {
+            "success": True,
+            "ret_msg": "pong",
+            "conn_id": pong["conn_id"],
+            "op": "ping",
+            "req_id": "100001",
+        }
         private = await BybitClient.open(f"{sim.url}/v5/private")
         pong = await private.request("ping", req_id="100002")
         assert (pong["op"], pong["req_id"]) == ("pong", "100002") and pong["args"][0].isdigit()

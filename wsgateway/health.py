@@ -10,7 +10,6 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Any
-from urllib.parse import urlsplit
 
 import amqp
 import orjson

@@ -73,8 +73,7 @@ def env_url(name: str, default: str, schemes: tuple[str, ...]) -> str:
         raise ImproperlyConfigured(f"{name} is not a valid URL") from None
     if parts.scheme not in schemes or not parts.hostname:
         raise ImproperlyConfigured(
-            f"{name} must be a URL starting with {' or '.join(s + '://' for s in schemes)} "
-            "and naming a host"
+            f"{name} must be a URL starting with {' or '.join(s + '://' for s in schemes)} and naming a host"
         )
     return raw
 

@@ -78,7 +78,7 @@ class Command(BaseCommand):
                     f"  operator key:               {operator_key}",
                     f"  try:  curl -H 'X-API-Key: {service_key}' {base}/api/v1/subscriptions",
                     f"  an order update:  curl -X POST http://127.0.0.1:{sim_port}/control/orders "
-                    "-d '{\"symbol\": \"BTCUSDT\"}'",
+                    '-d \'{"symbol": "BTCUSDT"}\'',
                     f"  watch a class:  {python} manage.py tail_events --service {DEMO_SERVICE} --class order",
                     "  Ctrl-C stops everything.",
                     "",
