@@ -345,8 +345,10 @@ class Publisher:
     def on_nack(self, delivery_tag: int, multiple: bool) -> None:
         """RabbitMQ refused: a private queue is full (reject-publish). Keep private events."""
         retry_at = time.monotonic() + NACK_RETRY_DELAY
+        trace_id = ""
         for tag in self.settled(delivery_tag, multiple):
             event = self.unconfirmed.pop(tag)
+            trace_id = event.trace_id
             self.nacks += 1
             if event.private:
                 self.nacked.append((retry_at, event))
@@ -354,7 +356,9 @@ class Publisher:
                 self.market_nack_drops += 1
         suppressed = self.throttle.allow("nack")
         if suppressed is not None:
-            log.warning("publisher.nacked", total=self.nacks, suppressed=suppressed, hint="a private queue is full")
+            log.warning(
+                "publisher.nacked", trace_id=trace_id, total=self.nacks, suppressed=suppressed, hint="a queue is full"
+            )
 
     def settled(self, delivery_tag: int, multiple: bool) -> list[int]:
         if not multiple:

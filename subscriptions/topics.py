@@ -30,7 +30,7 @@ SYMBOL_PATTERN = re.compile(r"^[A-Z0-9]{2,30}$")
 # Options: BTC-27DEC24-50000-C, or with a settle coin suffix BTC-27DEC24-50000-C-USDT.
 OPTION_SYMBOL_PATTERN = re.compile(r"^[A-Z0-9]{2,10}-[0-9]{1,2}[A-Z]{3}[0-9]{2}-[0-9.]{1,12}-[CP](-[A-Z0-9]{2,10})?$")
 # Options publish trades per base coin (publicTrade.BTC).
-BASE_COIN_PATTERN = re.compile(r"^[A-Z0-9]{2,10}$")
+BASE_COIN_PATTERN = re.compile(r"^[A-Z0-9]{2,6}$")
 SERVICE_NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 
 
