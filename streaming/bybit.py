@@ -464,6 +464,7 @@ class BybitSocket:
         _, topics = request
         if op == "unsubscribe":
             self.live.difference_update(topics)
+            self.kick.set()  # a topic still wanted (a resubscribe) is asked for again
             return
         if msg.get("success"):
             self.confirm(topics)
@@ -489,6 +490,11 @@ class BybitSocket:
         if rest and self.ws is not None:
             for topic in rest:
                 asyncio.get_running_loop().create_task(self.send_request(self.ws, "subscribe", [topic]))
+
+    def resubscribe(self, topic: str) -> None:
+        """Unsubscribe and subscribe again, for a fresh snapshot (an order-book gap)."""
+        if self.ws is not None and topic in self.live:
+            asyncio.get_running_loop().create_task(self.send_request(self.ws, "unsubscribe", [topic]))
 
     def confirm(self, topics: list[str]) -> None:
         fresh = [t for t in topics if t not in self.live]

@@ -4,6 +4,8 @@ Parsed once with orjson; no I/O, no settings. The envelope is the message body e
 reads (README "Event contract"): `id` (dedupe key), `class`, `topic`, `category`, `symbol`,
 `type`, `exchange_ts`, `received_ts`, `trace_id`, Bybit's sequence fields `u`, `seq`, `cts`,
 and `data` exactly as Bybit sent it (for private topics: one item of Bybit's `data` list).
+With market state on, order books add `consistent` (and `gap` when a `u` was skipped) and
+tickers add `merged`, the complete ticker after Bybit's delta was applied.
 """
 
 from __future__ import annotations
@@ -11,10 +13,13 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
+from decimal import InvalidOperation
 from typing import Any
 
 import orjson
 
+from streaming.orderbook import Books
+from streaming.tickers import Tickers
 from subscriptions.topics import CHANNEL_BY_BYBIT, Channel
 
 # Per-category private topics ("order.linear") route like their plain form.
@@ -44,16 +49,24 @@ class Frame:
     malformed: str = ""  # the reason, when the frame could not be used
     topic: str = ""
     parsed: dict[str, Any] | None = None  # the decoded data frame, for market state
+    event_class: str = ""
+    category: str = ""
+    symbol: str = ""
+    param: str = ""  # the depth or interval of the topic
+    gap: bool = False  # an order-book `u` was skipped: the topic needs a fresh snapshot
+    merged: dict[str, Any] | None = None  # the complete ticker
 
 
 class Envelopes:
     """Turns frames into events; owns the id counter so ids are unique within a run."""
 
-    def __init__(self, run_id: str | None = None) -> None:
+    def __init__(self, run_id: str | None = None, books: Books | None = None, tickers: Tickers | None = None) -> None:
         # Ids are `<run>-<frame>-<item>`: unique across restarts, cheap to make, and the same
         # when an unconfirmed event is re-published, so consumers can dedupe on `id`.
         self.run_id = run_id or os.urandom(6).hex()
         self.frame_no = 0
+        self.books = books
+        self.tickers = tickers
 
     def handle(self, raw: str | bytes, category: str) -> Frame:
         """Classify and wrap one frame received on a socket of `category` ("private" for the private one)."""
@@ -93,14 +106,30 @@ class Envelopes:
                 return Frame(malformed="unknown topic", topic=topic)
             routing_key = f"{spec.event_class}.{category}.{symbol}.{param}"
         else:
-            symbol = rest
+            param, symbol = "", rest
             routing_key = f"{spec.event_class}.{category}.{symbol}"
+        kind = msg.get("type", "snapshot")
+        frame = Frame(
+            topic=topic, parsed=msg, event_class=spec.event_class, category=category, symbol=symbol, param=param
+        )
+        state: dict[str, Any] = {}
         if spec.has_depth:
             if not isinstance(data, dict):
                 return Frame(malformed="orderbook data is not an object", topic=topic)
             u, seq = data.get("u"), data.get("seq")
+            if self.books is not None:
+                try:
+                    update = self.books.apply(category, topic, kind, data)
+                except (KeyError, TypeError, ValueError, InvalidOperation):
+                    return Frame(malformed="orderbook data without u, b or a", topic=topic)
+                state["consistent"] = update.consistent
+                if update.gap:
+                    state["gap"] = {"expected_u": update.expected_u, "received_u": update.received_u}
+                    frame.gap = True
         else:
             u, seq = None, msg.get("cs")
+            if self.tickers is not None and spec.event_class == "ticker" and isinstance(data, dict):
+                frame.merged = state["merged"] = self.tickers.apply(category, symbol, kind, data)
         event_id = f"{trace_id}-0"
         body = orjson.dumps(
             {
@@ -109,7 +138,7 @@ class Envelopes:
                 "topic": topic,
                 "category": category,
                 "symbol": symbol,
-                "type": msg.get("type", "snapshot"),
+                "type": kind,
                 "exchange_ts": msg.get("ts"),
                 "received_ts": received_ts,
                 "trace_id": trace_id,
@@ -117,10 +146,11 @@ class Envelopes:
                 "seq": seq,
                 "cts": msg.get("cts"),
                 "data": data,
+                **state,
             }
         )
-        event = Event(event_id, trace_id, spec.event_class, routing_key, body, False, topic, received_ts)
-        return Frame(events=[event], topic=topic, parsed=msg)
+        frame.events.append(Event(event_id, trace_id, spec.event_class, routing_key, body, False, topic, received_ts))
+        return frame
 
     def private_frame(self, msg: dict[str, Any], topic: str, trace_id: str, received_ts: int) -> Frame:
         spec = private_channel(topic)
@@ -162,7 +192,7 @@ class Envelopes:
                 }
             )
             events.append(Event(event_id, trace_id, spec.event_class, routing_key, body, True, topic, received_ts))
-        return Frame(events=events, topic=topic, parsed=msg)
+        return Frame(events=events, topic=topic, parsed=msg, event_class=spec.event_class, category="private")
 
 
 def private_channel(topic: str) -> Channel | None:

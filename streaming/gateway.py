@@ -25,8 +25,10 @@ import redis.asyncio as aioredis
 import structlog
 from django.conf import settings
 from django.db import DatabaseError, connection
+from psycopg.conninfo import make_conninfo
 
 from streaming import reconciler
+from streaming.balances import BalanceWriter, rows_from_wallet
 from streaming.bybit import (
     PUBLIC_CATEGORIES,
     BybitSocket,
@@ -38,7 +40,10 @@ from streaming.bybit import (
 )
 from streaming.envelope import Envelopes, Frame
 from streaming.lock import OwnerLock
+from streaming.lvc import LastValueCache
+from streaming.orderbook import Books
 from streaming.publisher import Handoff, Publisher, connect
+from streaming.tickers import Tickers
 from subscriptions.topics import CONTROL_EXCHANGE, CONTROL_ROUTING_KEY
 from wsgateway.logging import LogThrottle
 
@@ -48,6 +53,7 @@ T = TypeVar("T")
 SHUTDOWN_BUDGET = 9.0  # seconds from SIGTERM to exit, leaving a margin under 10
 LAST_EVENT_FLUSH_INTERVAL = 10.0  # seconds between `last_event_at` writes
 SAMPLE_CHARS = 200  # of a malformed frame, in its log line
+MARKET_STATE_CLASSES = frozenset(("orderbook", "ticker", "trade", "balance"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +75,10 @@ class GatewayConfig:
     status_interval: float
     backpressure_at: int
     max_read_pause: float
+    orderbooks: bool
+    lvc_book_depth: int
+    lvc_interval: float
+    database_conninfo: str
 
     @classmethod
     def from_settings(cls) -> GatewayConfig:
@@ -102,6 +112,10 @@ class GatewayConfig:
             status_interval=s.GATEWAY_STATUS_INTERVAL,
             backpressure_at=s.GATEWAY_BACKPRESSURE_AT,
             max_read_pause=s.GATEWAY_MAX_READ_PAUSE,
+            orderbooks=s.GATEWAY_ORDERBOOKS,
+            lvc_book_depth=s.LVC_BOOK_DEPTH,
+            lvc_interval=s.LVC_FLUSH_INTERVAL_MS / 1000,
+            database_conninfo=database_conninfo(s.DATABASES["default"]),
         )
 
     @property
@@ -111,6 +125,17 @@ class GatewayConfig:
     @property
     def lock_key(self) -> str:
         return f"{self.redis_prefix}gateway:lock"
+
+
+def database_conninfo(db: dict[str, Any]) -> str:
+    """A libpq connection string from Django's database settings."""
+    return make_conninfo(
+        host=db.get("HOST") or None,
+        port=db.get("PORT") or None,
+        dbname=db["NAME"],
+        user=db.get("USER") or None,
+        password=db.get("PASSWORD") or None,
+    )
 
 
 class NudgeListener:
@@ -155,11 +180,16 @@ class Gateway:
         self.config = config
         self.handoff = Handoff(config.handoff_size)
         self.publisher = Publisher(config.rabbitmq_url, self.handoff, window=config.confirm_window)
-        self.envelopes = Envelopes()
+        self.books = Books() if config.orderbooks else None
+        self.tickers = Tickers() if config.orderbooks else None
+        self.envelopes = Envelopes(books=self.books, tickers=self.tickers)
         self.bindings = reconciler.Bindings(config.rabbitmq_url)
         self.io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gateway-io")
         self.redis = aioredis.from_url(config.redis_url, socket_timeout=2, socket_connect_timeout=2)
         self.lock = OwnerLock(self.redis, config.lock_key, config.lock_ttl)
+        self.lvc = LastValueCache(self.redis, config.redis_prefix, config.lvc_book_depth, config.lvc_interval)
+        self.balances = BalanceWriter(config.database_conninfo)
+        self.book_repairs = 0
         self.breaker = CircuitBreaker(config.circuit_failures, config.circuit_window, config.circuit_cooldown)
         self.budget = ConnectionBudget()
         self.sockets: dict[str, BybitSocket] = {}
@@ -206,7 +236,32 @@ class Gateway:
             by_key[event.routing_key] += 1
         self.events_out += len(frame.events)
         self.seen[(sock.category, frame.topic)] = time.time()
+        if frame.event_class in MARKET_STATE_CLASSES:
+            self.keep_state(frame, sock)
         return None
+
+    def keep_state(self, frame: Frame, sock: BybitSocket) -> None:
+        """Last values for the cache, book repairs, balances: the few frames that need more."""
+        msg = frame.parsed
+        assert msg is not None
+        ts = msg.get("ts")
+        if frame.event_class == "orderbook" and self.books is not None:
+            book = self.books.get(frame.category, frame.topic)
+            if book is not None:
+                self.lvc.book(frame.category, frame.symbol, int(frame.param), book, ts)
+            if frame.gap:
+                self.book_repairs += 1
+                if self.throttle.allow(f"gap:{frame.topic}") is not None:
+                    log.warning("orderbook.gap", socket=sock.name, topic=frame.topic, trace_id=frame.events[0].trace_id)
+                sock.resubscribe(frame.topic)
+        elif frame.event_class == "ticker" and frame.merged is not None:
+            self.lvc.ticker(frame.category, frame.symbol, frame.merged, ts)
+        elif frame.event_class == "trade" and isinstance(msg.get("data"), list) and msg["data"]:
+            self.lvc.trade(frame.category, frame.symbol, msg["data"][-1], ts)
+        elif frame.event_class == "balance":
+            for item in msg["data"]:
+                for row in rows_from_wallet(item, msg.get("creationTime") or int(time.time() * 1000)):
+                    self.balances.offer(row)
 
     def backlogged(self) -> bool:
         return len(self.handoff.market) > self.config.backpressure_at
@@ -399,6 +454,17 @@ class Gateway:
             "read_pauses": self.read_pauses,
             "in_flight": publisher.in_flight,
             "rejected_topics": len(self.rejected),
+            "books": {
+                "kept": len(self.books.books) if self.books else 0,
+                "gaps": self.books.gaps if self.books else 0,
+                "repairs": self.book_repairs,
+            },
+            "lvc": {"writes": self.lvc.writes, "errors": self.lvc.errors, "pending": len(self.lvc.dirty)},
+            "balances": {
+                "pending": len(self.balances.pending),
+                "written": self.balances.written,
+                "last_error": self.balances.last_error,
+            },
         }
 
     async def write_status(self) -> None:
@@ -478,6 +544,8 @@ class Gateway:
             asyncio.create_task(self.reconcile_loop(), name="reconcile"),
             asyncio.create_task(self.status_loop(), name="status"),
             asyncio.create_task(self.lock_loop(), name="lock"),
+            asyncio.create_task(self.lvc.run(self.stop_event), name="lvc"),
+            asyncio.create_task(self.balances.run(self.stop_event), name="balances"),
         ]
         for task in loops:
             task.add_done_callback(self.task_done)
@@ -485,9 +553,10 @@ class Gateway:
         deadline = time.monotonic() + SHUTDOWN_BUDGET
         self.state = "stopping"
         log.info("gateway.stopping", in_flight=self.publisher.in_flight, handoff_depth=len(self.handoff))
-        for task in loops:
+        for task in loops[:3]:  # the cache and balance writers end on stop_event after a last flush
             task.cancel()
-        await asyncio.gather(*loops, return_exceptions=True)
+        await asyncio.wait(loops[3:], timeout=2)
+        await asyncio.gather(*loops[:3], return_exceptions=True)
         await asyncio.gather(*(self.close_socket(name) for name in list(self.sockets)), return_exceptions=True)
         flushed = await asyncio.to_thread(self.publisher.stop, max(0.5, deadline - time.monotonic() - 0.5))
         self.nudges.stopping.set()

@@ -83,6 +83,7 @@ class Client:
     conn_id: str
     topics: set[str] = field(default_factory=set)
     authed: bool = False
+    welcome: list[bytes] = field(default_factory=list)  # snapshots owed to it after a subscribe ack
     last_ping: float = field(default_factory=time.monotonic)
 
     def write(self, frames: bytes) -> bool:
@@ -270,6 +271,9 @@ class Simulator:
                 return
             result = self.subscribe(client, args) if op == "subscribe" else self.unsubscribe(client, args)
             await self.reply(client, {**result, **base})
+            if client.welcome:
+                client.write(b"".join(client.welcome))
+                client.welcome.clear()
         else:
             await self.reply(client, {"success": False, "ret_msg": RET_INVALID_OP, **base})
 
@@ -316,6 +320,11 @@ class Simulator:
             client.topics.add(topic)
             self.subscribes[(client.category, topic)] += 1
             if client.category != "private":
+                # A running topic greets each new subscriber with a snapshot, as Bybit does.
+                snapshot = self.generator(client.category, topic).snapshot()
+                if snapshot is not None:
+                    self.sent[(client.category, topic)] += 1
+                    client.welcome.append(ws_frame(orjson.dumps(snapshot)))
                 self.start_pusher(client.category, topic)
         ret_msg = "" if client.category == "private" else RET_SUBSCRIBE_PUBLIC
         return {"success": True, "ret_msg": ret_msg}

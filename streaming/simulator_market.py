@@ -96,6 +96,10 @@ def price_fmt(value: float) -> str:
 class Generator:
     """Base: a seeded random source and a mid price per topic."""
 
+    def snapshot(self) -> dict[str, Any] | None:
+        """What a new subscriber gets first when the topic is already running (Bybit sends a snapshot)."""
+        return None
+
     def __init__(self, category: str, topic: str, seed: int) -> None:
         self.category = category
         self.topic = topic
@@ -160,6 +164,14 @@ class BookGenerator(Generator):
             data, kind = {"s": self.symbol, "b": bids, "a": asks}, "delta"
         data.update(u=self.u, seq=self.seq)
         return {"topic": self.topic, "type": kind, "ts": now_ms(), "data": data, "cts": now_ms() - 1}
+
+    def snapshot(self) -> dict[str, Any] | None:
+        """The current book for a new subscriber, at the last `u` sent (None before the first message)."""
+        if not self.sent_snapshot:
+            return None
+        data = {"s": self.symbol, "b": self.levels(self.bids, True), "a": self.levels(self.asks, False)}
+        data.update(u=self.u, seq=self.seq)
+        return {"topic": self.topic, "type": "snapshot", "ts": now_ms(), "data": data, "cts": now_ms() - 1}
 
     def mutate(self) -> tuple[list[list[str]], list[list[str]]]:
         """Change a few levels; keep `depth` levels a side. Returns the delta's (bids, asks)."""
@@ -258,6 +270,11 @@ class TickerGenerator(Generator):
                 fundingRate="0.0001",
             )
         return fields
+
+    def snapshot(self) -> dict[str, Any] | None:
+        if not self.state:
+            return None
+        return {"topic": self.topic, "type": "snapshot", "cs": self.cs, "ts": now_ms(), "data": dict(self.state)}
 
     def moved(self) -> dict[str, str]:
         """The fields a price move changes."""

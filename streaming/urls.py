@@ -1,5 +1,11 @@
 from __future__ import annotations
 
-from django.urls import path  # noqa: F401
+from django.urls import path
 
-urlpatterns: list = []
+from streaming import views
+
+urlpatterns = [
+    path("market/orderbook/<str:category>/<str:symbol>", views.OrderBookView.as_view(), name="market-orderbook"),
+    path("market/ticker/<str:category>/<str:symbol>", views.TickerView.as_view(), name="market-ticker"),
+    path("balances", views.BalanceListView.as_view(), name="balances"),
+]

@@ -1,3 +1,97 @@
-"""Read-only API over the data plane: market state, balances, queues."""
+"""Read-only API over the data plane: cached market state and balances."""
 
 from __future__ import annotations
+
+import time
+from typing import Any
+
+import django_filters
+import orjson
+import redis
+from django.conf import settings
+from drf_spectacular.utils import OpenApiParameter, extend_schema
+from rest_framework import exceptions, generics, serializers
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from streaming.lvc import book_key, ticker_key
+from streaming.models import AccountBalance
+from subscriptions.topics import CATEGORIES, ORDERBOOK_DEPTHS, SYMBOL_PATTERN
+
+CACHE_TIMEOUT = 2.0
+
+
+def cached(key: str) -> dict[str, Any] | None:
+    client = redis.Redis.from_url(
+        settings.REDIS_URL, socket_timeout=CACHE_TIMEOUT, socket_connect_timeout=CACHE_TIMEOUT
+    )
+    try:
+        raw = client.get(key)
+    finally:
+        client.close()
+    return orjson.loads(raw) if raw else None
+
+
+def check_market(category: str, symbol: str) -> None:
+    if category not in CATEGORIES:
+        raise exceptions.ValidationError({"category": [f"use one of {', '.join(CATEGORIES)}"]})
+    if len(symbol) > 40 or not (SYMBOL_PATTERN.match(symbol) or "-" in symbol):
+        raise exceptions.ValidationError({"symbol": ["not a Bybit symbol"]})
+
+
+def with_age(value: dict[str, Any]) -> dict[str, Any]:
+    now_ms = time.time() * 1000
+    exchange_ts = value.get("exchange_ts")
+    value["age_ms"] = round(now_ms - exchange_ts, 1) if exchange_ts else None
+    value["cache_age_ms"] = round(now_ms - value["written_at"] * 1000, 1)
+    return value
+
+
+class OrderBookView(APIView):
+    """The latest cached book of a subscribed topic (the deepest one cached), top `depth` levels."""
+
+    @extend_schema(parameters=[OpenApiParameter("depth", int, description="levels per side to return")])
+    def get(self, request: Request, category: str, symbol: str) -> Response:
+        check_market(category, symbol)
+        depth = request.query_params.get("depth")
+        if depth is not None and (not depth.isdigit() or not 1 <= int(depth) <= 1000):
+            raise exceptions.ValidationError({"depth": ["a whole number from 1 to 1000"]})
+        for offered in sorted(ORDERBOOK_DEPTHS[category], reverse=True):
+            book = cached(book_key(settings.REDIS_KEY_PREFIX, category, symbol, offered))
+            if book is not None:
+                if depth is not None:
+                    book["b"], book["a"] = book["b"][: int(depth)], book["a"][: int(depth)]
+                return Response({"category": category, "symbol": symbol, **with_age(book)})
+        raise exceptions.NotFound(f"No cached order book for {category} {symbol}: is a service subscribed to it?")
+
+
+class TickerView(APIView):
+    """The latest complete (merged) ticker of a subscribed topic."""
+
+    def get(self, request: Request, category: str, symbol: str) -> Response:
+        check_market(category, symbol)
+        ticker = cached(ticker_key(settings.REDIS_KEY_PREFIX, category, symbol))
+        if ticker is None:
+            raise exceptions.NotFound(f"No cached ticker for {category} {symbol}: is a service subscribed to it?")
+        return Response({"category": category, "symbol": symbol, **with_age(ticker)})
+
+
+class BalanceSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = AccountBalance
+        exclude = ["id"]
+
+
+class BalanceFilter(django_filters.FilterSet):
+    class Meta:
+        model = AccountBalance
+        fields = ["account_type", "coin"]
+
+
+class BalanceListView(generics.ListAPIView):
+    """Wallet balances per account type and coin, as of Bybit's latest wallet event."""
+
+    queryset = AccountBalance.objects.all()
+    serializer_class = BalanceSerializer
+    filterset_class = BalanceFilter

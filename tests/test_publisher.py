@@ -132,15 +132,16 @@ def test_forced_connection_close_loses_nothing(rabbit: str, channel: amqp.Channe
     fed = 0
 
     def feed_and_close() -> bool:
+        """A burst, then a close while it is in flight; again until a close caught unconfirmed events."""
         nonlocal fed
-        for _ in range(50):
+        for _ in range(3000):
             handoff.put(make_event(fed))
             fed += 1
-        if publisher.reconnects == 0:
+        if publisher.republished == 0:
             close_publisher_connections(rabbit)
-        return publisher.reconnects > 0 and publisher.connected
+        return publisher.republished > 0 and publisher.connected
 
-    wait_for(feed_and_close, timeout=20, interval=0.01, message="the publisher's connection closed by the broker")
+    wait_for(feed_and_close, timeout=30, interval=0.2, message="a close with events in flight, and a reconnect")
     for _ in range(2000):
         handoff.put(make_event(fed))
         fed += 1

@@ -119,3 +119,19 @@ def test_every_category_serves_its_topics() -> None:
             await client.close()
 
     run(test, rate=20.0)
+
+
+def test_a_second_subscriber_first_gets_a_snapshot_of_the_running_book() -> None:
+    async def test(sim: Simulator) -> None:
+        first = await BybitClient.open(f"{sim.url}/v5/public/linear")
+        await first.request("subscribe", ["orderbook.50.ETHUSDT"])
+        await first.data("orderbook.50.ETHUSDT", 5)
+        second = await BybitClient.open(f"{sim.url}/v5/public/linear")
+        await second.request("subscribe", ["orderbook.50.ETHUSDT"])
+        greeting, following = await second.data("orderbook.50.ETHUSDT", 2)
+        assert greeting["type"] == "snapshot" and greeting["data"]["u"] > 1
+        assert following["data"]["u"] == greeting["data"]["u"] + 1
+        await first.close()
+        await second.close()
+
+    run(test, rate=10.0)
