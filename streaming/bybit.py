@@ -38,6 +38,7 @@ ENDPOINTS = {
 ARGS_PER_REQUEST = 10  # spot refuses more; batch at 10 everywhere, resubscribes included
 ARGS_CHARS_PER_CONNECTION = 21_000  # linear/inverse/option limit on one connection's args
 TOPICS_PER_CONNECTION = 200  # our own cap, so one socket never carries the whole market
+YIELD_EVERY = 32  # frames read before the reader lets other tasks run (a power of two)
 RECEIVE_QUEUE = 1024  # frames websockets buffers before it stops reading the socket
 AUTH_EXPIRES_MARGIN_MS = 10_000  # pybit's 1 s fails on clock skew
 ALREADY_SUBSCRIBED = "already subscribed"
@@ -405,14 +406,18 @@ class BybitSocket:
     async def read(self, ws: ClientConnection) -> None:
         on_frame = self.on_frame
         backlogged, relieve = self.backpressure or (lambda: False, None)
+        count = 0
         while True:
-            raw = await ws.recv()
+            raw = await ws.recv()  # returns without yielding while frames are buffered
             self.last_frame_mono = time.monotonic()
             control = on_frame(raw, self)
             if control is not None:
                 self.on_control(control)
             if backlogged():
                 await relieve()  # type: ignore[misc]
+            count += 1
+            if count & (YIELD_EVERY - 1) == 0:
+                await asyncio.sleep(0)  # let the publisher and RabbitMQ's acks have their turn
 
     async def heartbeat(self, ws: ClientConnection) -> None:
         interval, dead_after = self.config.ping_interval, self.config.dead_after

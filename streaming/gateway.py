@@ -1,16 +1,16 @@
 """The gateway: owns the Bybit sockets, the publisher and the reconciler, and their shutdown.
 
-Threads: the event loop (sockets, reconcile, status), the publisher (RabbitMQ data path),
-one I/O thread (database and queue declarations, one call at a time), and the nudge
-listener (RabbitMQ control messages from the API). The per-frame path is `on_frame`: parse
-once, hand events to the publisher, return; no I/O, no logging per frame.
+The event loop runs the sockets, the publisher (RabbitMQ data path), reconciliation, status,
+the last-value cache and the balance writer. Two helper threads stay off the hot path: one
+I/O thread (database and queue declarations, one call at a time) and the nudge listener
+(RabbitMQ control messages from the API). The per-frame path is `on_frame`: parse once, hand
+events to the publisher, return; no I/O, no logging per frame.
 """
 
 from __future__ import annotations
 
 import asyncio
 import signal
-import sys
 import threading
 import time
 from collections import defaultdict
@@ -234,6 +234,7 @@ class Gateway:
         for event in frame.events:
             put(event)
             by_key[event.routing_key] += 1
+        self.publisher.kick()
         self.events_out += len(frame.events)
         self.seen[(sock.category, frame.topic)] = time.time()
         if frame.event_class in MARKET_STATE_CLASSES:
@@ -269,9 +270,9 @@ class Gateway:
     async def relieve(self) -> None:
         """Pause reading until the publisher has halved the backlog, for `max_read_pause` s at most.
 
-        While the readers wait, the event loop idles and releases the GIL, so the publisher
-        thread runs at full speed, and TCP tells the exchange to slow down. Only if the backlog
-        outlasts the pause does the hand-off start dropping the oldest market events.
+        While the readers wait, the loop runs the publisher and reads RabbitMQ's acks, and TCP
+        tells the exchange to slow down. Only if the backlog outlasts the pause does the
+        hand-off start dropping the oldest market events.
         """
         self.read_pauses += 1
         deadline = time.monotonic() + self.config.max_read_pause
@@ -390,8 +391,10 @@ class Gateway:
         for name, (category, topics) in plan.items():
             sock = self.sockets.get(name) or self.open_socket(name, category)
             if sock.desired != topics:
+                self.forget_state(category, sock.desired - topics)
                 sock.want(topics)
         for name in [n for n in self.sockets if n not in plan]:
+            self.forget_state(self.sockets[name].category, self.sockets[name].desired)
             await self.close_socket(name)
 
         # Rows whose topic is already live (a second service, or rows created while we were down).
@@ -407,6 +410,13 @@ class Gateway:
             seen, self.seen = self.seen, {}
             self.last_events_flushed = time.monotonic()
             await self.in_io(reconciler.record_last_events, seen)
+
+    def forget_state(self, category: str, topics: set[str]) -> None:
+        """Topics the gateway no longer holds: drop their books and cached values."""
+        for topic in topics:
+            if self.books is not None:
+                self.books.forget(category, topic)
+            self.lvc.forget(category, topic)
 
     async def reconcile_loop(self) -> None:
         while not self.stop_event.is_set():
@@ -531,7 +541,9 @@ class Gateway:
             await self.redis.aclose()
             return 0
         self.state = "running"
-        self.publisher.start()
+        publisher_stop = asyncio.Event()
+        publishing = asyncio.create_task(self.publisher.run(publisher_stop), name="publisher")
+        publishing.add_done_callback(self.task_done)
         self.nudges = NudgeListener(self.config.rabbitmq_url, self.nudge)
         self.nudges.thread.start()
         log.info(
@@ -558,7 +570,11 @@ class Gateway:
         await asyncio.wait(loops[3:], timeout=2)
         await asyncio.gather(*loops[:3], return_exceptions=True)
         await asyncio.gather(*(self.close_socket(name) for name in list(self.sockets)), return_exceptions=True)
-        flushed = await asyncio.to_thread(self.publisher.stop, max(0.5, deadline - time.monotonic() - 0.5))
+        flushed = await self.publisher.flush(max(0.5, deadline - time.monotonic() - 0.5))
+        publisher_stop.set()
+        self.publisher.close()
+        await asyncio.wait({publishing}, timeout=0.5)
+        publishing.cancel()
         self.nudges.stopping.set()
         await asyncio.to_thread(self.nudges.thread.join, 1.0)
         if self.background:
@@ -591,9 +607,6 @@ def close_old_connections_now() -> None:
 
 
 async def main() -> int:
-    # The publisher thread gives up the GIL on every socket call; with Python's default 5 ms
-    # switch interval it then waits on the busy reader loop. A shorter interval keeps it fed.
-    sys.setswitchinterval(settings.GATEWAY_SWITCH_INTERVAL)
     gateway = Gateway(GatewayConfig.from_settings())
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

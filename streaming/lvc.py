@@ -2,8 +2,10 @@
 
 The gateway's per-frame path only records which value changed (one dict write); a task
 writes the changed values to Redis every `interval` seconds, so a busy topic is written at
-most once per interval however fast Bybit sends. Redis being away costs nothing but
-freshness: values stay marked and are written when it is back.
+most once per interval however fast Bybit sends. Values live in one hash per kind
+(`<prefix>lvc:orderbook`, field `<category>:<symbol>:<depth>`), so a flush is one HSET per
+kind, not one command per topic. Redis being away costs nothing but freshness: values stay
+marked and are written when it is back. Topics the gateway leaves are removed.
 """
 
 from __future__ import annotations
@@ -22,19 +24,37 @@ from wsgateway.logging import LogThrottle
 
 log = structlog.get_logger(__name__)
 
-TTL_SECONDS = 24 * 3600  # a cached value nobody refreshes for a day is gone
+KINDS = ("orderbook", "ticker", "trade")
+Key = tuple[str, str]  # (hash name, field)
 
 
-def book_key(prefix: str, category: str, symbol: str, depth: int) -> str:
-    return f"{prefix}lvc:orderbook:{category}:{symbol}:{depth}"
+def hash_name(prefix: str, kind: str) -> str:
+    return f"{prefix}lvc:{kind}"
 
 
-def ticker_key(prefix: str, category: str, symbol: str) -> str:
-    return f"{prefix}lvc:ticker:{category}:{symbol}"
+def book_key(prefix: str, category: str, symbol: str, depth: int) -> Key:
+    return hash_name(prefix, "orderbook"), f"{category}:{symbol}:{depth}"
 
 
-def trade_key(prefix: str, category: str, symbol: str) -> str:
-    return f"{prefix}lvc:trade:{category}:{symbol}"
+def ticker_key(prefix: str, category: str, symbol: str) -> Key:
+    return hash_name(prefix, "ticker"), f"{category}:{symbol}"
+
+
+def trade_key(prefix: str, category: str, symbol: str) -> Key:
+    return hash_name(prefix, "trade"), f"{category}:{symbol}"
+
+
+def keys_of_topic(prefix: str, category: str, topic: str) -> list[Key]:
+    """The cached values a Bybit topic feeds, to remove when the gateway leaves it."""
+    head, _, rest = topic.partition(".")
+    if head == "orderbook":
+        depth, _, symbol = rest.partition(".")
+        return [book_key(prefix, category, symbol, int(depth))] if depth.isdigit() else []
+    if head == "tickers":
+        return [ticker_key(prefix, category, rest)]
+    if head == "publicTrade":
+        return [trade_key(prefix, category, rest)]
+    return []
 
 
 class LastValueCache:
@@ -43,7 +63,8 @@ class LastValueCache:
         self.prefix = prefix
         self.book_depth = book_depth
         self.interval = interval
-        self.dirty: dict[str, Callable[[], dict[str, Any]]] = {}
+        self.dirty: dict[Key, Callable[[], dict[str, Any]]] = {}
+        self.gone: set[Key] = set()
         self.writes = 0
         self.errors = 0
         self.throttle = LogThrottle()
@@ -62,21 +83,34 @@ class LastValueCache:
     def trade(self, category: str, symbol: str, trade: dict[str, Any], exchange_ts: int | None) -> None:
         self.dirty[trade_key(self.prefix, category, symbol)] = lambda: {"data": trade, "exchange_ts": exchange_ts}
 
+    def forget(self, category: str, topic: str) -> None:
+        """The gateway left this topic: its cached values go at the next flush."""
+        for key in keys_of_topic(self.prefix, category, topic):
+            self.dirty.pop(key, None)
+            self.gone.add(key)
+
     async def flush(self) -> int:
         """Write every changed value once; on a Redis error keep them for the next round."""
-        if not self.dirty:
+        if not self.dirty and not self.gone:
             return 0
         batch, self.dirty = self.dirty, {}
+        gone, self.gone = self.gone, set()
         written_at = time.time()
+        by_hash: dict[str, dict[str, bytes]] = {}
+        for (name, field), render in batch.items():
+            by_hash.setdefault(name, {})[field] = orjson.dumps({**render(), "written_at": written_at})
         pipe = self.client.pipeline(transaction=False)
-        for key, render in batch.items():
-            pipe.set(key, orjson.dumps({**render(), "written_at": written_at}), ex=TTL_SECONDS)
+        for name, mapping in by_hash.items():
+            pipe.hset(name, mapping=mapping)
+        for name, field in gone:
+            pipe.hdel(name, field)
         try:
             await pipe.execute()
         except (aioredis.RedisError, OSError) as exc:
             self.errors += 1
             batch.update(self.dirty)  # newer marks win over the ones that failed
             self.dirty = batch
+            self.gone |= gone
             if self.throttle.allow("lvc") is not None:
                 log.warning("lvc.write_failed", error=f"{type(exc).__name__}: {exc}"[:200], pending=len(batch))
             return 0
@@ -91,8 +125,3 @@ class LastValueCache:
             except TimeoutError:
                 pass
         await self.flush()
-
-
-async def read(client: aioredis.Redis, key: str) -> dict[str, Any] | None:
-    raw = await client.get(key)
-    return orjson.loads(raw) if raw else None

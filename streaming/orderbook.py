@@ -28,8 +28,9 @@ class OrderBook:
     __slots__ = ("ask_prices", "asks", "bid_prices", "bids", "consistent", "seq", "u")
 
     def __init__(self) -> None:
-        self.bids: dict[Decimal, str] = {}
-        self.asks: dict[Decimal, str] = {}
+        # price -> [price as Bybit wrote it, size]: the top of the book renders with no conversion.
+        self.bids: dict[Decimal, list[str]] = {}
+        self.asks: dict[Decimal, list[str]] = {}
         self.bid_prices: list[Decimal] = []  # ascending, like ask_prices
         self.ask_prices: list[Decimal] = []
         self.u: int | None = None
@@ -40,8 +41,8 @@ class OrderBook:
         """Apply one message; a gap leaves the book inconsistent until a snapshot arrives."""
         u = data["u"]
         if kind == "snapshot" or u == 1:
-            self.bids = {Decimal(p): s for p, s in data["b"]}
-            self.asks = {Decimal(p): s for p, s in data["a"]}
+            self.bids = {Decimal(p): [p, s] for p, s in data["b"]}
+            self.asks = {Decimal(p): [p, s] for p, s in data["a"]}
             self.bid_prices, self.ask_prices = sorted(self.bids), sorted(self.asks)
             self.u, self.seq, self.consistent = u, data.get("seq"), True
             return BookUpdate(True, replaced=True)
@@ -56,10 +57,11 @@ class OrderBook:
                 if float(size) == 0:
                     if side.pop(key, None) is not None:
                         del prices[bisect_left(prices, key)]
+                elif key in side:
+                    side[key][1] = size
                 else:
-                    if key not in side:
-                        insort(prices, key)
-                    side[key] = size
+                    insort(prices, key)
+                    side[key] = [price, size]
         self.u, self.seq = u, data.get("seq")
         return BookUpdate(True)
 
@@ -67,7 +69,7 @@ class OrderBook:
         """The best `n` levels a side, as Bybit writes them: bids high to low, asks low to high."""
         bids = self.bid_prices[: -n - 1 : -1] if n else []
         asks = self.ask_prices[:n]
-        return [[str(p), self.bids[p]] for p in bids], [[str(p), self.asks[p]] for p in asks]
+        return [list(self.bids[p]) for p in bids], [list(self.asks[p]) for p in asks]
 
 
 class Books:

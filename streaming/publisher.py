@@ -1,22 +1,24 @@
-"""The RabbitMQ publisher: a thread with one py-amqp channel, publisher confirms pipelined.
+"""The RabbitMQ publisher: publisher confirms pipelined, on the gateway's event loop.
 
-Socket readers never wait on RabbitMQ: they put events into a `Handoff`, and the publisher
-thread drains it. Confirms are pipelined (perf-notes.md: waiting for each ack is 8x slower):
-up to `window` events are in flight, and each stays in `unconfirmed` until RabbitMQ acks it.
-When the connection is lost, every unconfirmed event is re-published first after reconnecting,
-so consumers may see a duplicate `id` but never a gap (at-least-once).
+Socket readers put events into a `Handoff` and kick the publisher, which writes them in the
+same loop tick: one thread, so no GIL hand-off between reading and publishing. py-amqp only
+opens the connection (handshake, channel, `confirm.select`); then the socket belongs to
+`AmqpProtocol`, which writes pre-packed Basic.Publish frames and reads the few frames RabbitMQ
+sends back: acks, nacks, heartbeats, blocked/unblocked, close.
+
+Confirms are pipelined (perf-notes.md: waiting for each ack is 8x slower): up to `window`
+events are in flight, each kept in `unconfirmed` until RabbitMQ acks it. When the connection
+is lost, every unconfirmed event is published again first after reconnecting, so consumers may
+see a duplicate `id` but never a gap (at-least-once).
 """
 
 from __future__ import annotations
 
+import asyncio
 import random
-import select
-import socket
 import struct
-import threading
 import time
 from collections import deque
-from collections.abc import Callable
 from urllib.parse import unquote, urlsplit
 
 import amqp
@@ -28,11 +30,12 @@ from wsgateway.logging import LogThrottle
 
 log = structlog.get_logger(__name__)
 
-BATCH = 256  # events published between two looks at the acks
-IDLE_WAIT = 0.05  # seconds the thread sleeps when there is nothing to do
+BATCH = 512  # events written per publishing pass, before acks get a turn
 NACK_RETRY_DELAY = 1.0  # seconds before a nacked private event is published again
-HEARTBEAT = 30  # AMQP heartbeat, seconds
+HEARTBEAT = 30  # AMQP heartbeat, seconds: ours go out every third of it
 PUBLISHER_CONNECTION_NAME = "ws-gateway publisher"
+HEARTBEAT_FRAME = b"\x08\x00\x00\x00\x00\x00\x00\xce"
+FRAME_HEADER = struct.Struct(">BHI")
 
 FRAME_END = b"\xce"
 # Basic.Publish header property flags: content-type, headers, delivery-mode, message-id, timestamp.
@@ -86,7 +89,7 @@ def encode_publish(channel_id: int, exchange: bytes, event: Event, frame_max: in
 
 
 class Handoff:
-    """Bounded hand-off from the socket readers (event loop) to the publisher thread.
+    """Bounded hand-off from the socket readers to the publisher.
 
     Market data is bounded: when full, the oldest market event is dropped and counted.
     Private events are never dropped: they queue without bound (and the depth shows in
@@ -98,44 +101,26 @@ class Handoff:
         self.private: deque[Event] = deque()
         self.market_limit = market_limit
         self.dropped = 0
-        self.idle = False
-        self.wakeup = threading.Event()
 
     def put(self, event: Event) -> None:
         if event.private:
             self.private.append(event)
-        else:
-            if len(self.market) >= self.market_limit:
-                try:
-                    self.market.popleft()
-                    self.dropped += 1
-                except IndexError:  # the publisher emptied it meanwhile
-                    pass
-            self.market.append(event)
-        if self.idle:
-            self.wakeup.set()
+            return
+        if len(self.market) >= self.market_limit:
+            self.market.popleft()
+            self.dropped += 1
+        self.market.append(event)
 
     def take(self) -> Event | None:
         """Return the next event, private ones first, or None."""
-        try:
+        if self.private:
             return self.private.popleft()
-        except IndexError:
-            pass
-        try:
+        if self.market:
             return self.market.popleft()
-        except IndexError:
-            return None
+        return None
 
     def __len__(self) -> int:
         return len(self.market) + len(self.private)
-
-    def wait(self, timeout: float) -> None:
-        """Sleep until an event arrives or `timeout` passes."""
-        self.idle = True
-        if not len(self):
-            self.wakeup.wait(timeout)
-        self.idle = False
-        self.wakeup.clear()
 
 
 def amqp_params(url: str) -> dict[str, object]:
@@ -159,8 +144,79 @@ def connect(url: str, timeout: float = 10.0, heartbeat: int = 0, name: str = "ws
     return conn
 
 
+class ConnectionLostError(Exception):
+    """The publishing connection ended; what it carried is published again."""
+
+
+class AmqpProtocol(asyncio.Protocol):
+    """The publishing connection after the handshake: writes frames, reads confirms."""
+
+    def __init__(self, publisher: Publisher) -> None:
+        self.publisher = publisher
+        self.transport: asyncio.Transport | None = None
+        self.buffer = b""
+        self.paused = False  # TCP write buffer full, or RabbitMQ said connection.blocked
+        self.closed: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self.last_received = time.monotonic()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost(f"{type(exc).__name__}: {exc}" if exc else "closed by the peer")
+
+    def lost(self, reason: str) -> None:
+        if not self.closed.done():
+            self.closed.set_result(reason)
+        if self.transport is not None:
+            self.transport.abort()
+
+    def pause_writing(self) -> None:
+        self.paused = True
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        self.publisher.kick()
+
+    def data_received(self, data: bytes) -> None:
+        self.last_received = time.monotonic()
+        buffer = self.buffer + data
+        pos, size = 0, len(buffer)
+        while size - pos >= 8:
+            kind, _channel, length = FRAME_HEADER.unpack_from(buffer, pos)
+            end = pos + 7 + length
+            if end >= size:
+                break
+            if buffer[end] != 0xCE:
+                self.lost("malformed frame from RabbitMQ")
+                return
+            if kind == 1:
+                self.on_method(buffer[pos + 7 : end])
+            pos = end + 1
+        self.buffer = buffer[pos:]
+
+    def on_method(self, payload: bytes) -> None:
+        class_id, method_id = struct.unpack_from(">HH", payload)
+        if class_id == 60 and method_id in (80, 120):  # basic.ack, basic.nack
+            tag, bits = struct.unpack_from(">QB", payload, 4)
+            if method_id == 80:
+                self.publisher.on_ack(tag, bool(bits & 1))
+            else:
+                self.publisher.on_nack(tag, bool(bits & 1))
+        elif class_id == 10 and method_id == 60:  # connection.blocked: RabbitMQ is short of resources
+            self.paused = True
+            log.warning("publisher.blocked_by_broker")
+        elif class_id == 10 and method_id == 61:  # connection.unblocked
+            self.paused = False
+            self.publisher.kick()
+        elif (class_id, method_id) in ((10, 50), (20, 40)):  # connection.close, channel.close
+            code, length = struct.unpack_from(">HB", payload, 4)
+            text = payload[7 : 7 + length].decode(errors="replace")
+            self.lost(f"closed by RabbitMQ: {code} {text}")
+
+
 class Publisher:
-    """Owns the AMQP connection of the data path; run() is the thread's body."""
+    """Owns the AMQP connection of the data path; `run()` keeps it up until stopped."""
 
     def __init__(
         self,
@@ -169,7 +225,6 @@ class Publisher:
         window: int = 2000,
         backoff_base: float = 0.5,
         backoff_cap: float = 10.0,
-        on_event_published: Callable[[Event], None] | None = None,
     ) -> None:
         self.url = url
         self.handoff = handoff
@@ -177,7 +232,7 @@ class Publisher:
         self.backoff_base = backoff_base
         self.backoff_cap = backoff_cap
         self.unconfirmed: dict[int, Event] = {}  # delivery tag -> event, in publish order
-        self.retry: deque[Event] = deque()  # re-published before anything new
+        self.retry: deque[Event] = deque()  # published again before anything new
         self.nacked: deque[tuple[float, Event]] = deque()
         self.next_tag = 1
         self.published = 0
@@ -186,120 +241,116 @@ class Publisher:
         self.nacks = 0
         self.market_nack_drops = 0
         self.reconnects = 0
-        self.connected = False
         self.last_error = ""
-        self.stopping = threading.Event()
-        self.thread: threading.Thread | None = None
         self.throttle = LogThrottle()
-        self.conn: amqp.Connection | None = None
-        self.channel: amqp.Channel | None = None
+        self.protocol: AmqpProtocol | None = None
+        self.channel_id = 1
+        self.frame_max = 131072
+        self.scheduled = False
+        self.nack_timer: asyncio.TimerHandle | None = None
+        self.settled_event = asyncio.Event()
+        self.handshake: amqp.Connection | None = None
+
+    @property
+    def connected(self) -> bool:
+        return self.protocol is not None and not self.protocol.closed.done()
 
     @property
     def in_flight(self) -> int:
         return len(self.unconfirmed) + len(self.retry) + len(self.nacked)
 
-    def start(self) -> None:
-        self.thread = threading.Thread(target=self.run, name="publisher", daemon=True)
-        self.thread.start()
+    def kick(self) -> None:
+        """Publish what is waiting, later in this loop tick (once, however many kicks)."""
+        if not self.scheduled:
+            self.scheduled = True
+            asyncio.get_running_loop().call_soon(self.pump)
 
-    def stop(self, timeout: float) -> bool:
-        """Ask the thread to flush and stop; return True if everything was confirmed in time."""
-        self.stopping.set()
-        self.handoff.wakeup.set()
-        if self.thread is not None:
-            self.thread.join(timeout)
-        return self.in_flight == 0 and len(self.handoff) == 0
+    @property
+    def drained(self) -> bool:
+        return not self.in_flight and not len(self.handoff)
 
-    def run(self) -> None:
+    async def run(self, stop: asyncio.Event) -> None:
+        """Keep a connection up and publishing; return once `stop` is set and nothing is left.
+
+        A stop request does not end reconnecting while events are unconfirmed: they still need
+        a broker. The caller bounds that by cancelling this task at its own deadline.
+        """
         attempt = 0
-        while True:
+        while not (stop.is_set() and self.drained):
             try:
-                self.open()
+                await self.open()
+            except (OSError, amqp.exceptions.AMQPError, TimeoutError) as exc:
+                self.last_error = f"{type(exc).__name__}: {exc}"[:200]
+            else:
                 attempt = 0
-                self.pump()
-                self.close()
-                return
-            except (TimeoutError, OSError, amqp.exceptions.AMQPError) as exc:
-                self.connection_lost(exc)
-            if self.stopping.is_set() and not self.in_flight and not len(self.handoff):
-                return
+                assert self.protocol is not None
+                heartbeat = asyncio.create_task(self.heartbeat(self.protocol))
+                reason = await self.protocol.closed
+                heartbeat.cancel()
+                if stop.is_set() and self.drained:
+                    return
+                self.connection_lost(reason)
             delay = random.uniform(0, min(self.backoff_cap, self.backoff_base * 2**attempt))
             attempt += 1
             log.warning(
                 "publisher.reconnecting", delay=round(delay, 3), error=self.last_error, in_flight=self.in_flight
             )
-            # A stop request does not cut the wait short: unconfirmed events still need a broker.
-            time.sleep(delay)
+            await asyncio.sleep(delay)
 
-    def open(self) -> None:
-        self.conn = connect(self.url, heartbeat=HEARTBEAT, name=PUBLISHER_CONNECTION_NAME)
-        self.channel = self.conn.channel()
-        self.channel.exchange_declare(EXCHANGE, "topic", durable=True, auto_delete=False)
-        self.channel.events["basic_ack"].add(self.on_ack)
-        self.channel.events["basic_nack"].add(self.on_nack)
-        self.channel.confirm_select()
+    async def open(self) -> None:
+        """Handshake with py-amqp off the loop, then hand its socket to AmqpProtocol."""
+        conn = await asyncio.to_thread(self.handshake_blocking)
+        sock = conn.transport.sock
+        sock.setblocking(False)
+        loop = asyncio.get_running_loop()
+        _, protocol = await loop.create_connection(lambda: AmqpProtocol(self), sock=sock)
+        self.handshake = conn  # kept so its socket object is not closed under us
+        self.protocol = protocol
+        self.frame_max = conn.frame_max
         self.next_tag = 1
-        self.connected = True
-        if self.reconnects:
-            log.info("publisher.reconnected", republishing=len(self.retry))
-        else:
-            log.info("publisher.connected")
+        log.info("publisher.reconnected" if self.reconnects else "publisher.connected", republishing=len(self.retry))
+        self.kick()
 
-    def close(self) -> None:
-        self.connected = False
-        if self.conn is not None:
-            try:
-                self.conn.close()
-            except (OSError, amqp.exceptions.AMQPError):
-                pass
-        self.conn = self.channel = None
+    def handshake_blocking(self) -> amqp.Connection:
+        conn = connect(self.url, heartbeat=HEARTBEAT, name=PUBLISHER_CONNECTION_NAME)
+        channel = conn.channel()
+        channel.exchange_declare(EXCHANGE, "topic", durable=True, auto_delete=False)
+        channel.confirm_select()
+        self.channel_id = channel.channel_id
+        return conn
 
-    def connection_lost(self, exc: BaseException) -> None:
-        """Queue every unconfirmed event for re-publishing, oldest first."""
-        self.connected = False
+    async def heartbeat(self, protocol: AmqpProtocol) -> None:
+        """Send ours; a connection silent for two heartbeat periods is dead."""
+        while True:
+            await asyncio.sleep(HEARTBEAT / 3)
+            if time.monotonic() - protocol.last_received > HEARTBEAT * 2:
+                protocol.lost("no heartbeat from RabbitMQ")
+                return
+            if protocol.transport is not None:
+                protocol.transport.write(HEARTBEAT_FRAME)
+
+    def connection_lost(self, reason: str) -> None:
+        """Queue every unconfirmed event for publishing again, oldest first."""
         self.reconnects += 1
-        self.last_error = f"{type(exc).__name__}: {exc}"[:200]
+        self.last_error = reason[:200]
         pending = list(self.unconfirmed.values())
         self.unconfirmed.clear()
         self.retry.extendleft(reversed(pending))
+        self.protocol = None
         log.warning("publisher.connection_lost", error=self.last_error, unconfirmed=len(pending))
-        if self.conn is not None:
-            try:
-                self.conn.collect()
-            except Exception:  # noqa: BLE001 - the connection is already gone; free what is left
-                pass
-        self.conn = self.channel = None
 
     def pump(self) -> None:
-        """Publish and collect confirms until asked to stop and nothing is left in flight."""
-        assert self.conn is not None and self.channel is not None
-        conn, sock = self.conn, self.conn.transport.sock
-        last_tick = time.monotonic()
-        while True:
-            sent = self.publish_some()
-            self.collect_acks(sock, 0)
-            now = time.monotonic()
-            if now - last_tick > 1.0:
-                conn.heartbeat_tick()
-                last_tick = now
-            if sent:
-                continue
-            if self.stopping.is_set() and not self.in_flight and not len(self.handoff):
-                return
-            if self.unconfirmed or self.nacked:
-                self.collect_acks(sock, IDLE_WAIT)
-            else:
-                self.handoff.wait(IDLE_WAIT)
-
-    def publish_some(self) -> int:
-        assert self.conn is not None and self.channel is not None
-        channel_id, frame_max = self.channel.channel_id, self.conn.frame_max
+        """Write waiting events, up to the confirm window and BATCH per pass."""
+        self.scheduled = False
+        protocol = self.protocol
+        if protocol is None or protocol.paused or protocol.closed.done() or protocol.transport is None:
+            return
+        now = time.monotonic()
+        while self.nacked and self.nacked[0][0] <= now:
+            self.retry.append(self.nacked.popleft()[1])
         exchange = shortstr(EXCHANGE)
         frames: list[bytes] = []
-        sent = 0
-        if self.nacked and self.nacked[0][0] <= time.monotonic():
-            self.retry.append(self.nacked.popleft()[1])
-        while sent < BATCH and len(self.unconfirmed) < self.window:
+        while len(frames) < BATCH and len(self.unconfirmed) < self.window:
             if self.retry:
                 event = self.retry.popleft()
                 self.republished += 1
@@ -307,40 +358,26 @@ class Publisher:
                 event = self.handoff.take()
                 if event is None:
                     break
-            frames.append(encode_publish(channel_id, exchange, event, frame_max))
+            frames.append(encode_publish(self.channel_id, exchange, event, self.frame_max))
             self.unconfirmed[self.next_tag] = event
             self.next_tag += 1
-            self.published += 1
-            sent += 1
         if frames:
-            # One write per batch; the channel's state machine is not involved in publishing.
-            self.conn.transport.write(b"".join(frames))
-        return sent
+            self.published += len(frames)
+            protocol.transport.write(b"".join(frames))
+            if len(frames) == BATCH:
+                self.kick()  # more may wait: let acks and readers in first, then go on
+        if self.nacked and self.nack_timer is None:
+            self.nack_timer = asyncio.get_running_loop().call_later(NACK_RETRY_DELAY, self.retry_nacked)
 
-    def collect_acks(self, sock: socket.socket, timeout: float) -> None:
-        """Process every confirm that has arrived; wait up to `timeout` for the first."""
-        assert self.conn is not None
-        must_wait = len(self.unconfirmed) >= self.window
-        while True:
-            readable = self.conn.transport._read_buffer or select.select([sock], [], [], timeout)[0]
-            if not readable:
-                if not must_wait:
-                    return
-                # The window is full: RabbitMQ is slow or blocked; wait for it, not spin.
-                self.conn.heartbeat_tick()
-                timeout = 1.0
-                continue
-            try:
-                self.conn.drain_events(timeout=max(timeout, 1.0))
-            except TimeoutError:
-                pass  # only a heartbeat arrived: nothing to settle, the connection is fine
-            timeout = 0
-            must_wait = len(self.unconfirmed) >= self.window
+    def retry_nacked(self) -> None:
+        self.nack_timer = None
+        self.kick()
 
     def on_ack(self, delivery_tag: int, multiple: bool) -> None:
         for tag in self.settled(delivery_tag, multiple):
-            self.unconfirmed.pop(tag)
+            del self.unconfirmed[tag]
             self.confirmed += 1
+        self.after_settle()
 
     def on_nack(self, delivery_tag: int, multiple: bool) -> None:
         """RabbitMQ refused: a private queue is full (reject-publish). Keep private events."""
@@ -359,6 +396,15 @@ class Publisher:
             log.warning(
                 "publisher.nacked", trace_id=trace_id, total=self.nacks, suppressed=suppressed, hint="a queue is full"
             )
+        self.after_settle()
+
+    def after_settle(self) -> None:
+        if not self.in_flight and not len(self.handoff):
+            self.settled_event.set()
+        # Refill once a quarter of the window is free, not on every ack: writing a few frames
+        # per ack makes RabbitMQ confirm a few at a time too, and throughput halves.
+        if len(self.unconfirmed) <= self.window - self.window // 4:
+            self.kick()
 
     def settled(self, delivery_tag: int, multiple: bool) -> list[int]:
         if not multiple:
@@ -369,3 +415,22 @@ class Publisher:
                 break
             tags.append(tag)
         return tags
+
+    async def flush(self, timeout: float) -> bool:
+        """Wait until everything handed off is confirmed; False if `timeout` came first."""
+        deadline = time.monotonic() + timeout
+        while self.in_flight or len(self.handoff):
+            self.settled_event.clear()
+            self.kick()
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            try:
+                await asyncio.wait_for(self.settled_event.wait(), min(remaining, 0.1))
+            except TimeoutError:
+                pass
+        return True
+
+    def close(self) -> None:
+        if self.protocol is not None:
+            self.protocol.lost("closed by the gateway")

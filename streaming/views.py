@@ -22,12 +22,12 @@ from subscriptions.topics import CATEGORIES, ORDERBOOK_DEPTHS, SYMBOL_PATTERN
 CACHE_TIMEOUT = 2.0
 
 
-def cached(key: str) -> dict[str, Any] | None:
+def cached(key: tuple[str, str]) -> dict[str, Any] | None:
     client = redis.Redis.from_url(
         settings.REDIS_URL, socket_timeout=CACHE_TIMEOUT, socket_connect_timeout=CACHE_TIMEOUT
     )
     try:
-        raw = client.get(key)
+        raw = client.hget(*key)
     finally:
         client.close()
     return orjson.loads(raw) if raw else None

@@ -1,6 +1,6 @@
 """`make bench`: every benchmark in one run on this machine; a table, and bench-results.json.
 
-usage: python -m tests.bench [all|publish|sim|gateway]
+usage: python -m tests.bench [all|publish|sim|gateway|orderbook]
 Figures are meant to be read as ratios against baselines measured in the same run: the
 machine is shared and noisy.
 """
@@ -34,7 +34,7 @@ def table(rows: list[tuple[str, Any, str]]) -> str:
 
 def main(which: str) -> dict[str, Any]:
     setup_django()
-    from tests import bench_gateway, bench_publish, bench_sim
+    from tests import bench_gateway, bench_orderbook, bench_publish, bench_sim
 
     results: dict[str, Any] = {}
     rows: list[tuple[str, Any, str]] = []
@@ -85,6 +85,19 @@ def main(which: str) -> dict[str, Any]:
             ("    latency max ms", paced["latency_max_ms"], ""),
             ("(d) CPU us/event", memory["cpu_us_per_event"], "500 topics subscribed, 5,000 events/s"),
             ("    peak RSS MB", memory["rss_mb"], ""),
+        ]
+    if which in ("all", "orderbook"):
+        books = bench_orderbook.run()
+        without = bench_gateway.run_path(200, "max", 10, {"GATEWAY_ORDERBOOKS": "false"})
+        with_books = results.get("full") or bench_gateway.run_path(200, "max", 10)
+        results.update(books, gateway_no_books_per_s=without["gateway_per_s"])
+        rows += [
+            ("book delta us (50 levels)", books["book50_delta_us"], "apply one delta"),
+            ("book delta us (200 levels)", books["book200_delta_us"], ""),
+            ("  + top-50 read us (50)", books["book50_delta_plus_top50_us"], "delta and a cache render each time"),
+            ("  + top-50 read us (200)", books["book200_delta_plus_top50_us"], ""),
+            ("200 books, maintained /s", with_books["gateway_per_s"], "books, gap checks, last-value cache on"),
+            ("200 books, not kept /s", without["gateway_per_s"], "GATEWAY_ORDERBOOKS=false, same run"),
         ]
     print(table(rows))
     RESULTS.write_text(json.dumps(results, indent=2, sort_keys=True))

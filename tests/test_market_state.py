@@ -124,3 +124,14 @@ def test_wallet_events_update_balances_exactly(start_gateway, simulator, rabbit,
     reader = QueueReader(rabbit, "ws-gateway.alpha.balance")
     reader.wait(lambda m: len(m) == 1 and m[0]["symbol"] == "UNIFIED")
     reader.close()
+
+
+def test_cancelling_the_last_subscription_removes_the_cached_book(start_gateway, simulator, api_client) -> None:
+    from subscriptions.services import subscription_cancel
+
+    start_gateway()
+    book = subscribe_book()
+    url = "/api/v1/market/orderbook/linear/BTCUSDT"
+    wait_for(lambda: api_client.get(url).status_code == 200, message="the cached book")
+    subscription_cancel(subscription=book)
+    wait_for(lambda: api_client.get(url).status_code == 404, message="the cached book removed")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from collections.abc import Iterator
 
 import amqp
@@ -59,10 +61,47 @@ def read_all(ch: amqp.Channel, queue: str, expected: int, timeout: float = 10) -
     return got
 
 
-def run_publisher(url: str, handoff: Handoff, **kwargs: object) -> Publisher:
-    publisher = Publisher(url, handoff, backoff_base=0.05, backoff_cap=0.2, **kwargs)
-    publisher.start()
-    return publisher
+class RunningPublisher:
+    """A Publisher on its own event loop in a thread, for these sync tests."""
+
+    def __init__(self, url: str, handoff: Handoff, **kwargs: object) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.handoff = handoff
+        self.publisher = Publisher(url, handoff, backoff_base=0.05, backoff_cap=0.2, **kwargs)  # type: ignore[arg-type]
+        self.stopping = asyncio.Event()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.task = asyncio.run_coroutine_threadsafe(self.publisher.run(self.stopping), self.loop)
+        self.call(self.publisher.kick)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.publisher, name)
+
+    def call(self, fn, *args) -> None:
+        self.loop.call_soon_threadsafe(fn, *args)
+
+    def put(self, event: Event) -> None:
+        def put_and_kick() -> None:
+            self.handoff.put(event)
+            self.publisher.kick()
+
+        self.call(put_and_kick)
+
+    def stop(self, timeout: float) -> bool:
+        """Flush everything, then stop; True if all was confirmed in time."""
+        flushed = asyncio.run_coroutine_threadsafe(self.publisher.flush(timeout), self.loop).result(timeout + 5)
+        self.call(self.stopping.set)
+        self.call(self.publisher.close)
+        try:
+            self.task.result(5)
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(5)
+        return flushed
+
+
+def run_publisher(url: str, handoff: Handoff, **kwargs: object) -> RunningPublisher:
+    return RunningPublisher(url, handoff, **kwargs)
 
 
 def test_consumer_reads_the_envelope_and_properties(rabbit: str, channel: amqp.Channel) -> None:
@@ -135,7 +174,7 @@ def test_forced_connection_close_loses_nothing(rabbit: str, channel: amqp.Channe
         """A burst, then a close while it is in flight; again until a close caught unconfirmed events."""
         nonlocal fed
         for _ in range(3000):
-            handoff.put(make_event(fed))
+            publisher.put(make_event(fed))
             fed += 1
         if publisher.republished == 0:
             close_publisher_connections(rabbit)
@@ -143,7 +182,7 @@ def test_forced_connection_close_loses_nothing(rabbit: str, channel: amqp.Channe
 
     wait_for(feed_and_close, timeout=30, interval=0.2, message="a close with events in flight, and a reconnect")
     for _ in range(2000):
-        handoff.put(make_event(fed))
+        publisher.put(make_event(fed))
         fed += 1
     assert publisher.stop(30)
     got = read_all(channel, "t.outage", fed, timeout=30)

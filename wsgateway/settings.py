@@ -203,7 +203,6 @@ GATEWAY_CONFIRM_WINDOW = env_int("GATEWAY_CONFIRM_WINDOW", 2_000, 1)
 # Socket reads pause (at most GATEWAY_MAX_READ_PAUSE s) while this many market events wait.
 GATEWAY_BACKPRESSURE_AT = env_int("GATEWAY_BACKPRESSURE_AT", 5_000, 1)
 GATEWAY_MAX_READ_PAUSE = env_float("GATEWAY_MAX_READ_PAUSE", 0.5, 0.0)
-GATEWAY_SWITCH_INTERVAL = env_float("GATEWAY_SWITCH_INTERVAL", 0.0005, 0.00001)
 # Market state: local order books (u continuity, gap repair), merged tickers, last-value cache.
 GATEWAY_ORDERBOOKS = env_bool("GATEWAY_ORDERBOOKS", True)
 LVC_BOOK_DEPTH = env_int("LVC_BOOK_DEPTH", 50, 1)
