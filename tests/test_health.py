@@ -66,7 +66,8 @@ def point(settings, dependency: str, port: int) -> None:
 
 def write_status(settings, age: float) -> None:
     client = redis.Redis.from_url(settings.REDIS_URL)
-    record = {"updated_at": time.time() - age, "state": "running", "circuit": {"state": "closed"}, "counters": {}}
+    record = {"updated_at": time.time() - age, "state": "running", "circuit": {"state": "closed"}, "counters": {},
+              "balances": {"pending": 3, "written": 10, "last_error": "OperationalError: down"}}  # fmt: skip
     client.set(f"{settings.REDIS_KEY_PREFIX}gateway:status", orjson.dumps(record))
     client.close()
 
@@ -79,6 +80,7 @@ def test_all_up_with_a_fresh_gateway_record_is_ok(settings, redis_prefix: str) -
         "database": "ok", "rabbitmq": "ok", "redis": "ok", "gateway": "ok"
     }  # fmt: skip
     assert body["active_subscriptions"] == 0
+    assert body["checks"]["gateway"]["balances"]["pending"] == 3  # balance writes waiting on the database
 
 
 def test_no_gateway_record_is_degraded_not_down(redis_prefix: str) -> None:

@@ -25,7 +25,10 @@ from wsgateway.logging import redact_value
 
 # Hung checks keep their thread until their own socket timeout; a small pool bounds that.
 POOL = ThreadPoolExecutor(max_workers=8, thread_name_prefix="health")
-GATEWAY_PASSTHROUGH = ("state", "circuit", "sockets", "counters", "handoff_depth", "in_flight", "publisher")
+GATEWAY_PASSTHROUGH = (
+    "state", "circuit", "sockets", "counters", "handoff_depth", "in_flight", "publisher", "books", "lvc", "balances",
+    "malformed_by_reason", "read_pauses",
+)  # fmt: skip
 
 
 def check_database(timeout: float) -> dict[str, Any]:
