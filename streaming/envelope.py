@@ -131,24 +131,10 @@ class Envelopes:
             if self.tickers is not None and spec.event_class == "ticker" and isinstance(data, dict):
                 frame.merged = state["merged"] = self.tickers.apply(category, symbol, kind, data)
         event_id = f"{trace_id}-0"
-        body = orjson.dumps(
-            {
-                "id": event_id,
-                "class": spec.event_class,
-                "topic": topic,
-                "category": category,
-                "symbol": symbol,
-                "type": kind,
-                "exchange_ts": msg.get("ts"),
-                "received_ts": received_ts,
-                "trace_id": trace_id,
-                "u": u,
-                "seq": seq,
-                "cts": msg.get("cts"),
-                "data": data,
-                **state,
-            }
+        head = envelope_head(
+            event_id, spec.event_class, topic, category, symbol, kind, msg.get("ts"), received_ts, trace_id
         )
+        body = orjson.dumps({**head, "u": u, "seq": seq, "cts": msg.get("cts"), "data": data, **state})
         frame.events.append(Event(event_id, trace_id, spec.event_class, routing_key, body, False, topic, received_ts))
         return frame
 
@@ -173,26 +159,38 @@ class Envelopes:
             if not isinstance(symbol, str) or not symbol or not isinstance(category, str):
                 return Frame(malformed="private item without category, symbol or accountType", topic=topic)
             event_id = f"{trace_id}-{index}"
-            body = orjson.dumps(
-                {
-                    "id": event_id,
-                    "class": spec.event_class,
-                    "topic": topic,
-                    "category": category,
-                    "symbol": symbol,
-                    "type": "snapshot",
-                    "exchange_ts": exchange_ts,
-                    "received_ts": received_ts,
-                    "trace_id": trace_id,
-                    "u": None,
-                    "seq": item.get("seq"),
-                    "cts": None,
-                    "bybit_id": msg.get("id"),
-                    "data": item,
-                }
+            head = envelope_head(
+                event_id, spec.event_class, topic, category, symbol, "snapshot", exchange_ts, received_ts, trace_id
             )
+            body = orjson.dumps({**head, "u": None, "seq": item.get("seq"), "cts": None, "bybit_id": msg.get("id"),
+                                 "data": item})  # fmt: skip
             events.append(Event(event_id, trace_id, spec.event_class, routing_key, body, True, topic, received_ts))
         return Frame(events=events, topic=topic, parsed=msg, event_class=spec.event_class, category="private")
+
+
+def envelope_head(
+    event_id: str,
+    event_class: str,
+    topic: str,
+    category: str,
+    symbol: str,
+    kind: str,
+    exchange_ts: int | None,
+    received_ts: int,
+    trace_id: str,
+) -> dict[str, Any]:
+    """The fields every envelope starts with (README "Event contract")."""
+    return {
+        "id": event_id,
+        "class": event_class,
+        "topic": topic,
+        "category": category,
+        "symbol": symbol,
+        "type": kind,
+        "exchange_ts": exchange_ts,
+        "received_ts": received_ts,
+        "trace_id": trace_id,
+    }
 
 
 def private_channel(topic: str) -> Channel | None:

@@ -4,11 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from websockets.asyncio.client import ClientConnection, connect
 
+from streaming.simulator import Simulator
 from tests.conftest import TIMEOUT_FACTOR
+
+
+def with_simulator(test: Callable[[Simulator], Awaitable[None]], **options: Any) -> None:
+    """Run an async test against a fresh in-process simulator on port 0."""
+
+    async def main() -> None:
+        async with Simulator(**options) as sim:
+            await test(sim)
+
+    asyncio.run(main())
 
 
 class BybitClient:

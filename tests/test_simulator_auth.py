@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import hmac
 import time
 
 from streaming.simulator import Simulator
-from tests.simclient import BybitClient
+from tests.simclient import BybitClient, with_simulator
 
 KEY, SECRET = "test-key", "test-secret"
 
@@ -20,14 +19,6 @@ def signed(expires: int, secret: str = SECRET) -> str:
 
 def in_ms(seconds: float) -> int:
     return int((time.time() + seconds) * 1000)
-
-
-def run(test) -> None:
-    async def main() -> None:
-        async with Simulator(credentials={KEY: SECRET}) as sim:
-            await test(sim)
-
-    asyncio.run(main())
 
 
 def test_valid_signature_authenticates_and_unlocks_private_topics() -> None:
@@ -43,7 +34,7 @@ def test_valid_signature_authenticates_and_unlocks_private_topics() -> None:
         assert frame == sent and frame["data"][0]["symbol"] == "ETHUSDT"
         await client.close()
 
-    run(test)
+    with_simulator(test, credentials={KEY: SECRET})
 
 
 def test_wrong_signature_wrong_key_and_expired_requests_are_refused() -> None:
@@ -62,7 +53,7 @@ def test_wrong_signature_wrong_key_and_expired_requests_are_refused() -> None:
             assert sub["success"] is False and "needs auth" in sub["ret_msg"], name
             await client.close()
 
-    run(test)
+    with_simulator(test, credentials={KEY: SECRET})
 
 
 def test_private_topic_before_auth_is_refused() -> None:
@@ -72,7 +63,7 @@ def test_private_topic_before_auth_is_refused() -> None:
         assert (reply["success"], reply["ret_msg"]) == (False, "error:topic:position needs auth first")
         await client.close()
 
-    run(test)
+    with_simulator(test, credentials={KEY: SECRET})
 
 
 def test_reject_auth_fault_refuses_good_credentials() -> None:
@@ -83,4 +74,4 @@ def test_reject_auth_fault_refuses_good_credentials() -> None:
         assert (await client.request("auth", [KEY, expires, signed(expires)]))["success"] is False
         await client.close()
 
-    run(test)
+    with_simulator(test, credentials={KEY: SECRET})

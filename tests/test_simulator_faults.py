@@ -10,15 +10,7 @@ import pytest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from streaming.simulator import Simulator
-from tests.simclient import BybitClient
-
-
-def run(test, **options: object) -> None:
-    async def main() -> None:
-        async with Simulator(**options) as sim:  # type: ignore[arg-type]
-            await test(sim)
-
-    asyncio.run(main())
+from tests.simclient import BybitClient, with_simulator
 
 
 @pytest.mark.parametrize("abrupt", [False, True])
@@ -32,7 +24,7 @@ def test_drop_closes_every_connection(abrupt: bool) -> None:
                 await client.recv()
         assert (closed.value.rcvd is None) == abrupt  # no close frame when the TCP connection is aborted
 
-    run(test)
+    with_simulator(test)
 
 
 def test_stall_sends_no_data_and_no_pong_then_resumes() -> None:
@@ -47,7 +39,7 @@ def test_stall_sends_no_data_and_no_pong_then_resumes() -> None:
         await client.data("orderbook.1.BTCUSDT", 2, timeout=2)
         await client.close()
 
-    run(test)
+    with_simulator(test)
 
 
 def test_refuse_answers_503_then_accepts_again() -> None:
@@ -66,7 +58,7 @@ def test_refuse_answers_503_then_accepts_again() -> None:
         await client.close()
         assert sim.refused >= 1
 
-    run(test)
+    with_simulator(test)
 
 
 def test_delayed_pongs_arrive_late() -> None:
@@ -79,7 +71,7 @@ def test_delayed_pongs_arrive_late() -> None:
         assert loop.time() - started >= 0.4
         await client.close()
 
-    run(test)
+    with_simulator(test)
 
 
 def test_malformed_frames_reach_the_client() -> None:
@@ -101,7 +93,7 @@ def test_malformed_frames_reach_the_client() -> None:
             await sim.send_malformed("nonsense")
         await client.close()
 
-    run(test)
+    with_simulator(test)
 
 
 def test_gap_skips_one_update_id_and_restart_sends_u_1() -> None:
@@ -118,7 +110,7 @@ def test_gap_skips_one_update_id_and_restart_sends_u_1() -> None:
         assert (restarted["type"], restarted["data"]["u"]) == ("snapshot", 1)
         await client.close()
 
-    run(test)
+    with_simulator(test)
 
 
 def test_control_api_triggers_an_order_and_reports_counts() -> None:
@@ -138,4 +130,4 @@ def test_control_api_triggers_an_order_and_reports_counts() -> None:
         assert (await http("POST", "/control/nothing"))[0] == 404
         assert (await http("POST", "/control/faults/stall", "{bad json"))[0] == 400
 
-    run(test)
+    with_simulator(test)

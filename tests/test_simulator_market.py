@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 from decimal import Decimal
 
 from streaming.simulator import Simulator
 from streaming.simulator_market import BookGenerator, TickerGenerator
-from tests.simclient import BybitClient
+from tests.simclient import BybitClient, with_simulator
 
 
 class ReferenceBook:
@@ -27,14 +26,6 @@ class ReferenceBook:
                     side.pop(Decimal(price), None)
                 else:
                     side[Decimal(price)] = size
-
-
-def run(test, **options: object) -> None:
-    async def main() -> None:
-        async with Simulator(**options) as sim:  # type: ignore[arg-type]
-            await test(sim)
-
-    asyncio.run(main())
 
 
 def test_snapshot_and_deltas_rebuild_the_simulators_own_book() -> None:
@@ -58,7 +49,7 @@ def test_snapshot_and_deltas_rebuild_the_simulators_own_book() -> None:
         assert max(book.bids) < min(book.asks)
         await client.close()
 
-    run(test, rate=10.0)
+    with_simulator(test, rate=10.0)
 
 
 def test_trades_carry_a_contiguous_sequence_per_topic() -> None:
@@ -72,7 +63,7 @@ def test_trades_carry_a_contiguous_sequence_per_topic() -> None:
         assert set(trade) >= {"T", "s", "S", "v", "p", "L", "i", "BT"} and isinstance(trade["p"], str)
         await client.close()
 
-    run(test, rate=10.0)
+    with_simulator(test, rate=10.0)
 
 
 def test_linear_tickers_send_a_snapshot_then_changed_fields_spot_only_snapshots() -> None:
@@ -118,7 +109,7 @@ def test_every_category_serves_its_topics() -> None:
                 await client.data(topic, 1)
             await client.close()
 
-    run(test, rate=20.0)
+    with_simulator(test, rate=20.0)
 
 
 def test_a_second_subscriber_first_gets_a_snapshot_of_the_running_book() -> None:
@@ -134,4 +125,4 @@ def test_a_second_subscriber_first_gets_a_snapshot_of_the_running_book() -> None
         await first.close()
         await second.close()
 
-    run(test, rate=10.0)
+    with_simulator(test, rate=10.0)

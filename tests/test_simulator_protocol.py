@@ -3,18 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
 
 from streaming.simulator import Simulator
-from tests.simclient import BybitClient
-
-
-def scenario(test: Callable[[Simulator], Awaitable[None]], **options: object) -> None:
-    async def run() -> None:
-        async with Simulator(**options) as sim:  # type: ignore[arg-type]
-            await test(sim)
-
-    asyncio.run(run())
+from tests.simclient import BybitClient, with_simulator
 
 
 def test_public_subscribe_is_acknowledged_in_bybits_shape() -> None:
@@ -27,7 +18,7 @@ def test_public_subscribe_is_acknowledged_in_bybits_shape() -> None:
         assert snapshot["type"] == "snapshot" and len(snapshot["data"]["b"]) == 50
         await client.close()
 
-    scenario(test)
+    with_simulator(test)
 
 
 def test_unknown_symbol_topic_and_depth_are_refused_with_handler_not_found() -> None:
@@ -45,7 +36,7 @@ def test_unknown_symbol_topic_and_depth_are_refused_with_handler_not_found() -> 
             assert reply["ret_msg"] == f"error:handler not found,topic:{topic}"
         await client.close()
 
-    scenario(test)
+    with_simulator(test)
 
 
 def test_duplicate_subscription_is_refused_as_already_subscribed() -> None:
@@ -56,7 +47,7 @@ def test_duplicate_subscription_is_refused_as_already_subscribed() -> None:
         assert (reply["success"], reply["ret_msg"]) == (False, "error:already subscribed,topic:orderbook.1.ETHUSDT")
         await client.close()
 
-    scenario(test)
+    with_simulator(test)
 
 
 def test_spot_refuses_more_than_ten_args_per_request() -> None:
@@ -68,7 +59,7 @@ def test_spot_refuses_more_than_ten_args_per_request() -> None:
         assert (await client.request("subscribe", topics[:10]))["success"] is True
         await client.close()
 
-    scenario(test, symbols={"spot": ["BTCUSDT"]})
+    with_simulator(test, symbols={"spot": ["BTCUSDT"]})
 
 
 def test_linear_refuses_args_beyond_21000_characters_per_connection() -> None:
@@ -85,7 +76,7 @@ def test_linear_refuses_args_beyond_21000_characters_per_connection() -> None:
         assert sum(map(len, topics[:accepted])) <= 21_000 < sum(map(len, topics[: accepted + 10]))
         await client.close()
 
-    scenario(test, symbols={"linear": [f"LONGSYMBOLNAME{i:05d}USDT" for i in range(1200)]}, rate=0.01)
+    with_simulator(test, symbols={"linear": [f"LONGSYMBOLNAME{i:05d}USDT" for i in range(1200)]}, rate=0.01)
 
 
 def test_unsubscribe_stops_the_data() -> None:
@@ -101,7 +92,7 @@ def test_unsubscribe_stops_the_data() -> None:
         assert sim.sent[("linear", "orderbook.1.BTCUSDT")] == sent
         await client.close()
 
-    scenario(test)
+    with_simulator(test)
 
 
 def test_public_and_private_pongs_have_their_distinct_shapes() -> None:
@@ -121,7 +112,7 @@ def test_public_and_private_pongs_have_their_distinct_shapes() -> None:
         await public.close()
         await private.close()
 
-    scenario(test)
+    with_simulator(test)
 
 
 def test_bad_requests_get_bybits_errors_and_the_socket_stays_open() -> None:
@@ -134,7 +125,7 @@ def test_bad_requests_get_bybits_errors_and_the_socket_stays_open() -> None:
         assert (await client.request("ping"))["ret_msg"] == "pong"
         await client.close()
 
-    scenario(test)
+    with_simulator(test)
 
 
 def test_a_silent_connection_is_closed_after_the_heartbeat_timeout() -> None:
@@ -143,7 +134,7 @@ def test_a_silent_connection_is_closed_after_the_heartbeat_timeout() -> None:
         await asyncio.wait_for(client.ws.wait_closed(), 5)
         assert client.ws.close_code == 1000 and client.ws.close_reason == "heartbeat timeout"
 
-    scenario(test, ping_timeout=0.5)
+    with_simulator(test, ping_timeout=0.5)
 
 
 def test_unknown_path_is_404() -> None:
@@ -157,4 +148,4 @@ def test_unknown_path_is_404() -> None:
         else:
             raise AssertionError("the connection should have been refused")
 
-    scenario(test)
+    with_simulator(test)
