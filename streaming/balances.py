@@ -142,6 +142,8 @@ class BalanceWriter:
                 await asyncio.wait_for(stop.wait(), delay)
             except TimeoutError:
                 pass
-        await self.flush()
+        if not await self.flush():
+            # Bybit sends the wallet again on the next change; say what this run could not store.
+            log.error("balances.unwritten_at_shutdown", pending=len(self.pending), error=self.last_error)
         if self.conn is not None:
             self.conn.close()
