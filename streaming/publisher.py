@@ -144,10 +144,6 @@ def connect(url: str, timeout: float = 10.0, heartbeat: int = 0, name: str = "ws
     return conn
 
 
-class ConnectionLostError(Exception):
-    """The publishing connection ended; what it carried is published again."""
-
-
 class AmqpProtocol(asyncio.Protocol):
     """The publishing connection after the handshake: writes frames, reads confirms."""
 

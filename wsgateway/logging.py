@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import logging.config
 import re
+import time
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -119,8 +120,6 @@ class LogThrottle:
     """
 
     def __init__(self, interval: float = 10.0, clock: Callable[[], float] | None = None) -> None:
-        import time
-
         self.interval = interval
         self.clock = clock or time.monotonic
         self.next_at: dict[str, float] = {}
