@@ -1,9 +1,11 @@
 from __future__ import annotations
 
 from django.contrib import admin
+from django.db.models import QuerySet
 from django.http import HttpRequest
 
-from streaming.models import AccountBalance
+from streaming import monitor
+from streaming.models import AccountBalance, QueueSample, QueueStatus
 
 
 @admin.register(AccountBalance)
@@ -22,3 +24,43 @@ class AccountBalanceAdmin(admin.ModelAdmin):
 
     def has_delete_permission(self, request: HttpRequest, obj: AccountBalance | None = None) -> bool:
         return False
+
+
+class ReadOnlyAdmin(admin.ModelAdmin):
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: object = None) -> bool:
+        return False
+
+
+@admin.register(QueueStatus)
+class QueueStatusAdmin(ReadOnlyAdmin):
+    """The monitor's latest reading of every gateway queue: what an operator checks first."""
+
+    list_display = [
+        "queue", "service_name", "event_class", "status", "depth", "consumers", "max_length", "fill_percent",
+        "publish_rate", "consume_rate", "dropped_estimate", "alerts", "taken_at",
+    ]  # fmt: skip
+    list_filter = ["status", "event_class", "service_name"]
+    search_fields = ["queue", "service_name"]
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[QueueSample]:
+        return monitor.latest_samples()
+
+    def has_delete_permission(self, request: HttpRequest, obj: object = None) -> bool:
+        return False
+
+    @admin.display(description="fill %")
+    def fill_percent(self, sample: QueueSample) -> str:
+        return "-" if sample.fill is None else f"{sample.fill * 100:.1f}"
+
+
+@admin.register(QueueSample)
+class QueueSampleAdmin(ReadOnlyAdmin):
+    """Every stored sample (pruned after MONITOR_SAMPLE_RETENTION_HOURS)."""
+
+    list_display = ["queue", "status", "depth", "consumers", "fill", "publish_rate", "consume_rate", "taken_at"]
+    list_filter = ["status", "event_class", "service_name"]
+    search_fields = ["queue"]
+    date_hierarchy = "taken_at"

@@ -48,3 +48,49 @@ class AccountBalance(models.Model):
 
     def __str__(self) -> str:
         return f"{self.account_type} {self.coin}: {self.wallet_balance}"
+
+
+class QueueSample(models.Model):
+    """One reading of a service queue by the monitor (beat task), kept for MONITOR_SAMPLE_RETENTION_HOURS."""
+
+    class Status(models.TextChoices):
+        OK = "ok"
+        WARNING = "warning"
+        CRITICAL = "critical"
+
+    queue = models.CharField(max_length=200)
+    service_name = models.CharField(max_length=64)
+    event_class = models.CharField(max_length=20)
+    taken_at = models.DateTimeField()
+    source = models.CharField(max_length=12, help_text="management (HTTP API) or declare (passive declare)")
+    ready = models.BigIntegerField()
+    unacked = models.BigIntegerField(null=True, blank=True)
+    consumers = models.IntegerField()
+    max_length = models.BigIntegerField(null=True, blank=True)
+    fill = models.FloatField(null=True, blank=True, help_text="0..1 of x-max-length or x-max-length-bytes")
+    publish_rate = models.FloatField(null=True, blank=True, help_text="messages/s into the queue")
+    consume_rate = models.FloatField(null=True, blank=True, help_text="messages/s delivered to consumers")
+    dropped_estimate = models.BigIntegerField(null=True, blank=True)
+    status = models.CharField(max_length=10, choices=Status.choices, default=Status.OK)
+    alerts = models.JSONField(default=list, blank=True)
+
+    class Meta:
+        ordering = ["-taken_at"]
+        get_latest_by = "taken_at"
+        indexes = [models.Index(fields=["queue", "-taken_at"]), models.Index(fields=["taken_at"])]
+
+    def __str__(self) -> str:
+        return f"{self.queue} {self.depth} ({self.status})"
+
+    @property
+    def depth(self) -> int:
+        return self.ready + (self.unacked or 0)
+
+
+class QueueStatus(QueueSample):
+    """The latest sample of each queue (the admin's overview)."""
+
+    class Meta:
+        proxy = True
+        verbose_name = "queue (latest sample)"
+        verbose_name_plural = "queues (latest sample)"

@@ -8,4 +8,6 @@ urlpatterns = [
     path("market/orderbook/<str:category>/<str:symbol>", views.OrderBookView.as_view(), name="market-orderbook"),
     path("market/ticker/<str:category>/<str:symbol>", views.TickerView.as_view(), name="market-ticker"),
     path("balances", views.BalanceListView.as_view(), name="balances"),
+    path("queues", views.QueueListView.as_view(), name="queues"),
+    path("queues/<str:name>", views.QueueDetailView.as_view(), name="queue-detail"),
 ]

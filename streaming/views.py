@@ -9,14 +9,17 @@ import django_filters
 import orjson
 import redis
 from django.conf import settings
+from django.db.models import QuerySet
 from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import exceptions, generics, serializers
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from streaming import monitor
 from streaming.lvc import book_key, ticker_key
-from streaming.models import AccountBalance
+from streaming.models import AccountBalance, QueueSample
+from subscriptions.authentication import Caller
 from subscriptions.topics import CATEGORIES, ORDERBOOK_DEPTHS, SYMBOL_PATTERN
 
 CACHE_TIMEOUT = 2.0
@@ -95,3 +98,50 @@ class BalanceListView(generics.ListAPIView):
     queryset = AccountBalance.objects.all()
     serializer_class = BalanceSerializer
     filterset_class = BalanceFilter
+
+
+class QueueSampleSerializer(serializers.ModelSerializer):
+    depth = serializers.IntegerField(help_text="ready + unacked")
+    fill_percent = serializers.SerializerMethodField()
+
+    class Meta:
+        model = QueueSample
+        fields = [
+            "queue", "service_name", "event_class", "status", "alerts", "depth", "ready", "unacked", "consumers",
+            "max_length", "fill_percent", "publish_rate", "consume_rate", "dropped_estimate", "source", "taken_at",
+        ]  # fmt: skip
+
+    def get_fill_percent(self, sample: QueueSample) -> float | None:
+        return None if sample.fill is None else round(sample.fill * 100, 2)
+
+
+def own_samples(request: Request, rows: QuerySet[QueueSample]) -> QuerySet[QueueSample]:
+    caller: Caller = request.user  # type: ignore[assignment]
+    return rows if caller.is_operator else rows.filter(service_name=caller.service_name)
+
+
+class QueueListView(generics.ListAPIView):
+    """Every queue of the calling service (all queues for the operator key), as of the monitor's last run."""
+
+    serializer_class = QueueSampleSerializer
+    filterset_fields = ["service_name", "event_class", "status"]
+
+    def get_queryset(self) -> QuerySet[QueueSample]:
+        return own_samples(self.request, monitor.latest_samples())
+
+
+class QueueDetailView(APIView):
+    """One queue: its latest figures and its recent samples, newest first."""
+
+    @extend_schema(
+        parameters=[OpenApiParameter("samples", int, description="how many recent samples (1-1000, default 60)")]
+    )
+    def get(self, request: Request, name: str) -> Response:
+        count = request.query_params.get("samples", "60")
+        if not count.isdigit() or not 1 <= int(count) <= 1000:
+            raise exceptions.ValidationError({"samples": ["a whole number from 1 to 1000"]})
+        rows = own_samples(request, QueueSample.objects.filter(queue=name)).order_by("-taken_at")[: int(count)]
+        samples = QueueSampleSerializer(rows, many=True).data
+        if not samples:
+            raise exceptions.NotFound(f"No samples for queue {name!r} of your service yet.")
+        return Response({**samples[0], "samples": samples})

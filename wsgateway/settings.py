@@ -237,6 +237,12 @@ MONITOR_RETENTION_WARNING = env_float("MONITOR_RETENTION_WARNING", 0.80)
 MONITOR_RETENTION_CRITICAL = env_float("MONITOR_RETENTION_CRITICAL", 0.95)
 MONITOR_STALE_SUBSCRIPTION_AFTER = env_float("MONITOR_STALE_SUBSCRIPTION_AFTER", 300.0)
 MONITOR_SAMPLE_RETENTION_HOURS = env_int("MONITOR_SAMPLE_RETENTION_HOURS", 24, 1)
+# Beat runs the queue and gateway checks every MONITOR_INTERVAL seconds (RabbitMQ's management
+# figures refresh every 5 s by default, so a shorter interval only repeats them).
+MONITOR_INTERVAL = env_float("MONITOR_INTERVAL", 15.0, 1.0)
+# A queue with consumers whose depth grew in each of this many consecutive samples is a slow subscriber.
+MONITOR_SLOW_SAMPLES = env_int("MONITOR_SLOW_SAMPLES", 3, 1)
+ALERT_WEBHOOK_TIMEOUT = env_float("ALERT_WEBHOOK_TIMEOUT", 3.0, 0.1)
 ALERT_WEBHOOK_URL = env.str("ALERT_WEBHOOK_URL", default="")
 if ALERT_WEBHOOK_URL:
     ALERT_WEBHOOK_URL = env_url("ALERT_WEBHOOK_URL", ALERT_WEBHOOK_URL, ("http", "https"))
@@ -253,7 +259,24 @@ CELERY_TASK_SOFT_TIME_LIMIT = 45
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_TIMEZONE = "UTC"
-CELERY_BEAT_SCHEDULE: dict[str, dict] = {}
+# Each run expires before the next one is due, so a stalled worker never gets a backlog of checks.
+CELERY_BEAT_SCHEDULE = {
+    "monitor-queues": {
+        "task": "streaming.tasks.monitor_queues",
+        "schedule": MONITOR_INTERVAL,
+        "options": {"expires": MONITOR_INTERVAL * 0.8},
+    },
+    "monitor-gateway": {
+        "task": "streaming.tasks.monitor_gateway",
+        "schedule": MONITOR_INTERVAL,
+        "options": {"expires": MONITOR_INTERVAL * 0.8},
+    },
+    "prune-queue-samples": {
+        "task": "streaming.tasks.prune_queue_samples",
+        "schedule": 3600.0,
+        "options": {"expires": 1800.0},
+    },
+}
 
 # Logging
 LOG_LEVEL = env_choice("LOG_LEVEL", "INFO", LOG_LEVELS, upper=True)

@@ -4,10 +4,12 @@ from django.contrib import admin
 from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
+from streaming.metrics import metrics_view
 from wsgateway import health
 
 urlpatterns = [
     path("health", health.health_view, name="health"),
+    path("metrics", metrics_view, name="metrics"),
     path("admin/", admin.site.urls),
     path("api/v1/", include("subscriptions.urls")),
     path("api/v1/", include("streaming.urls")),

@@ -1,0 +1,27 @@
+"""Beat tasks: thin wrappers over streaming.monitor (schedule in settings.CELERY_BEAT_SCHEDULE)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import shared_task
+
+from streaming import monitor
+
+
+@shared_task
+def monitor_queues() -> dict[str, Any]:
+    """Sample every gateway queue; raise and clear backlog, retention and slow-consumer alerts."""
+    return monitor.monitor_queues()
+
+
+@shared_task
+def monitor_gateway() -> dict[str, Any]:
+    """Check the gateway's status record and flag stale subscriptions."""
+    return monitor.monitor_gateway()
+
+
+@shared_task
+def prune_queue_samples() -> int:
+    """Delete queue samples older than MONITOR_SAMPLE_RETENTION_HOURS."""
+    return monitor.prune_samples()
