@@ -74,6 +74,8 @@ class Command(BaseCommand):
                     f"  API docs   {base}/api/docs/",
                     f"  admin      {base}/admin/   (user admin, password {admin_password})",
                     f"  health     {base}/health",
+                    f"  queues     {base}/api/v1/queues   (monitored by beat every {settings.MONITOR_INTERVAL:g} s)",
+                    f"  metrics    {base}/metrics",
                     f"  service key for '{DEMO_SERVICE}':  {service_key}",
                     f"  operator key:               {operator_key}",
                     f"  try:  curl -H 'X-API-Key: {service_key}' {base}/api/v1/subscriptions",
