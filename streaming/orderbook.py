@@ -1,15 +1,16 @@
 """Local order books from Bybit's snapshot + deltas, with `u` continuity checked. Pure.
 
-Levels live in dicts keyed by Decimal price, so "100.5" and "100.50" are one level. Beside
-each dict, a sorted list of its prices is kept with bisect (a C memmove, no scan), so the top
-of the book is a slice.
+Levels live in dicts keyed by the price as a float, so "100.5" and "100.50" are one level.
+A float is exact for this: two decimal strings of up to 15 significant digits (every Bybit
+price) map to two different floats in the same order, and float hashing and comparison cost a
+fraction of Decimal's. Beside each dict, a sorted list of its prices is kept with bisect (a C
+memmove, no scan), so the top of the book is a slice.
 """
 
 from __future__ import annotations
 
 from bisect import bisect_left, insort
 from dataclasses import dataclass
-from decimal import Decimal
 from typing import Any
 
 
@@ -29,10 +30,10 @@ class OrderBook:
 
     def __init__(self) -> None:
         # price -> [price as Bybit wrote it, size]: the top of the book renders with no conversion.
-        self.bids: dict[Decimal, list[str]] = {}
-        self.asks: dict[Decimal, list[str]] = {}
-        self.bid_prices: list[Decimal] = []  # ascending, like ask_prices
-        self.ask_prices: list[Decimal] = []
+        self.bids: dict[float, list[str]] = {}
+        self.asks: dict[float, list[str]] = {}
+        self.bid_prices: list[float] = []  # ascending, like ask_prices
+        self.ask_prices: list[float] = []
         self.u: int | None = None
         self.seq: int | None = None
         self.consistent = False
@@ -41,8 +42,8 @@ class OrderBook:
         """Apply one message; a gap leaves the book inconsistent until a snapshot arrives."""
         u = data["u"]
         if kind == "snapshot" or u == 1:
-            self.bids = {Decimal(p): [p, s] for p, s in data["b"]}
-            self.asks = {Decimal(p): [p, s] for p, s in data["a"]}
+            self.bids = {float(p): [p, s] for p, s in data["b"]}
+            self.asks = {float(p): [p, s] for p, s in data["a"]}
             self.bid_prices, self.ask_prices = sorted(self.bids), sorted(self.asks)
             self.u, self.seq, self.consistent = u, data.get("seq"), True
             return BookUpdate(True, replaced=True)
@@ -53,7 +54,7 @@ class OrderBook:
             return BookUpdate(False, gap=True, expected_u=self.u + 1, received_u=u)  # type: ignore[operator]
         for side, prices, levels in ((self.bids, self.bid_prices, data["b"]), (self.asks, self.ask_prices, data["a"])):
             for price, size in levels:
-                key = Decimal(price)
+                key = float(price)
                 if float(size) == 0:
                     if side.pop(key, None) is not None:
                         del prices[bisect_left(prices, key)]
@@ -66,10 +67,14 @@ class OrderBook:
         return BookUpdate(True)
 
     def top(self, n: int) -> tuple[list[list[str]], list[list[str]]]:
-        """The best `n` levels a side, as Bybit writes them: bids high to low, asks low to high."""
+        """The best `n` levels a side, as Bybit writes them: bids high to low, asks low to high.
+
+        The levels are the book's own lists, not copies: serialize them before the next apply.
+        """
         bids = self.bid_prices[: -n - 1 : -1] if n else []
         asks = self.ask_prices[:n]
-        return [list(self.bids[p]) for p in bids], [list(self.asks[p]) for p in asks]
+        bid_levels, ask_levels = self.bids, self.asks
+        return [bid_levels[p] for p in bids], [ask_levels[p] for p in asks]
 
 
 class Books:
