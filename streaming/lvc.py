@@ -1,8 +1,9 @@
 """The last-value cache: latest book top, merged ticker and latest trade per topic, in Redis.
 
 The gateway's per-frame path only records which value changed (one dict write); a task
-writes the changed values to Redis every `interval` seconds, so a busy topic is written at
-most once per interval however fast Bybit sends. Values live in one hash per kind
+writes the changed values to Redis every `interval` seconds (longer when a flush itself took
+long: at most a fifth of the loop goes to the cache), so a busy topic is written at most once
+per interval however fast Bybit sends. Values live in one hash per kind
 (`<prefix>lvc:orderbook`, field `<category>:<symbol>:<depth>`), so a flush is one HSET per
 kind, not one command per topic. Redis being away costs nothing but freshness: values stay
 marked and are written when it is back. Topics the gateway leaves are removed.
@@ -26,6 +27,7 @@ log = structlog.get_logger(__name__)
 
 KINDS = ("orderbook", "ticker", "trade")
 Key = tuple[str, str]  # (hash name, field)
+FLUSH_DUTY_FACTOR = 4
 
 
 def hash_name(prefix: str, kind: str) -> str:
@@ -119,9 +121,13 @@ class LastValueCache:
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
+            started = time.perf_counter()
             await self.flush()
+            # Under load a flush renders hundreds of books: then wait longer, so the cache never
+            # takes more than 1/(1 + FLUSH_DUTY_FACTOR) of the loop from the event path.
+            spent = time.perf_counter() - started
             try:
-                await asyncio.wait_for(stop.wait(), self.interval)
+                await asyncio.wait_for(stop.wait(), max(self.interval, spent * FLUSH_DUTY_FACTOR))
             except TimeoutError:
                 pass
         await self.flush()
