@@ -80,6 +80,11 @@ def main(which: str) -> dict[str, Any]:
                 f"ratio {results['ratio']} of (a); simulator at max, 200 books",
             ),
             ("    lost / dropped", f"{full['lost']} / {full['dropped']}", "lost: read but never delivered"),
+            (
+                "    cores busy",
+                f"{full['cores_busy_total']} of {os.cpu_count()}",
+                ", ".join(f"{name} {busy}" for name, busy in full["cores_busy"].items()),
+            ),
             ("(c) latency p50 ms", paced["latency_p50_ms"], "at 2,000 events/s, simulator send -> consumer"),
             ("    latency p99 ms", paced["latency_p99_ms"], ""),
             ("    latency max ms", paced["latency_max_ms"], ""),

@@ -133,6 +133,30 @@ def proc_stats(pid: int) -> tuple[float, float]:
     return cpu, peak / 1024
 
 
+def broker_pids() -> list[int]:
+    """RabbitMQ's Erlang VM (beam.smp) and Redis, found by name in /proc."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                name = (entry / "comm").read_text().strip()
+            except OSError:
+                continue
+            if name in ("beam.smp", "redis-server"):
+                pids.append(int(entry.name))
+    return pids
+
+
+def cpu_of(pids: list[int]) -> float:
+    total = 0.0
+    for pid in pids:
+        try:
+            total += proc_stats(pid)[0]
+        except (OSError, StopIteration):
+            pass
+    return total
+
+
 def run_path(symbols: int, rate: str, seconds: float, gateway_env: dict[str, str] | None = None) -> dict[str, Any]:
     """Simulator -> gateway -> RabbitMQ -> consumer for `seconds`; returns rates, losses, latencies, CPU, RSS."""
     prepare()
@@ -155,12 +179,17 @@ def run_path(symbols: int, rate: str, seconds: float, gateway_env: dict[str, str
         time.sleep(3.0)  # warm-up: sockets subscribed, snapshots through, backlog drained
         parent.send("measure")
         before = gateway_status()["counters"]
+        # CPU of every process on the path, to show where the machine's two cores go.
+        parts = {"simulator": [simulator.pid], "consumer": [consumer.pid], "rabbitmq+redis": broker_pids()}
+        cpu_before = {name: cpu_of(pids) for name, pids in parts.items()}
         cpu0, _ = proc_stats(gateway.pid)
         t0 = time.monotonic()
         time.sleep(seconds)
         elapsed = time.monotonic() - t0
         after = gateway_status()["counters"]
         cpu1, rss = proc_stats(gateway.pid)
+        cpu_used = {name: cpu_of(pids) - cpu_before[name] for name, pids in parts.items()}
+        cpu_used["gateway"] = cpu1 - cpu0
         simulator.send_signal(signal.SIGTERM)
         simulator.wait(15)
         gateway.send_signal(signal.SIGTERM)
@@ -193,6 +222,9 @@ def run_path(symbols: int, rate: str, seconds: float, gateway_env: dict[str, str
         "latency_p99_ms": round(latencies[int(len(latencies) * 0.99) - 1], 2) if latencies else None,
         "latency_max_ms": round(latencies[-1], 2) if latencies else None,
         "consumer_received": tally["received"],
+        # Cores busy over the measured window, per process and in all (this machine has os.cpu_count()).
+        "cores_busy": {name: round(used / elapsed, 2) for name, used in cpu_used.items()},
+        "cores_busy_total": round(sum(cpu_used.values()) / elapsed, 2),
     }
 
 
