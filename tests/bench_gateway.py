@@ -133,17 +133,16 @@ def proc_stats(pid: int) -> tuple[float, float]:
     return cpu, peak / 1024
 
 
-def broker_pids() -> list[int]:
-    """RabbitMQ's Erlang VM (beam.smp) and Redis, found by name in /proc."""
+def pids_named(command: str) -> list[int]:
+    """Processes whose command name is `command` (beam.smp is RabbitMQ's Erlang VM), from /proc."""
     pids = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                name = (entry / "comm").read_text().strip()
+                if (entry / "comm").read_text().strip() == command:
+                    pids.append(int(entry.name))
             except OSError:
                 continue
-            if name in ("beam.smp", "redis-server"):
-                pids.append(int(entry.name))
     return pids
 
 
@@ -180,7 +179,12 @@ def run_path(symbols: int, rate: str, seconds: float, gateway_env: dict[str, str
         parent.send("measure")
         before = gateway_status()["counters"]
         # CPU of every process on the path, to show where the machine's two cores go.
-        parts = {"simulator": [simulator.pid], "consumer": [consumer.pid], "rabbitmq+redis": broker_pids()}
+        parts = {
+            "simulator": [simulator.pid],
+            "consumer": [consumer.pid],
+            "rabbitmq": pids_named("beam.smp"),
+            "redis": pids_named("redis-server"),
+        }
         cpu_before = {name: cpu_of(pids) for name, pids in parts.items()}
         cpu0, _ = proc_stats(gateway.pid)
         t0 = time.monotonic()
