@@ -28,7 +28,7 @@ import orjson
 import redis
 import structlog
 from django.conf import settings
-from django.db.models import Max, Q, QuerySet
+from django.db.models import Max, QuerySet
 from django.utils import timezone
 
 from streaming.models import QueueSample
@@ -41,8 +41,6 @@ log = structlog.get_logger(__name__)
 
 QUEUE_FAMILIES = ("queue.backlog", "queue.retention", "queue.no_consumer", "queue.slow_consumer", "rabbitmq")
 GATEWAY_FAMILIES = ("gateway.status", "gateway.socket", "gateway.circuit", "gateway.publisher")
-# Private streams and liquidations can be quiet for hours; only these classes can go stale.
-STALE_CLASSES = ("trade", "ticker", "orderbook", "kline")
 MANAGEMENT_COLUMNS = "name,messages_ready,messages_unacknowledged,message_bytes,consumers,arguments,message_stats"
 LEVELS = ("warning", "critical")
 
@@ -460,14 +458,6 @@ def gateway_alerts(status: dict[str, Any] | None, now: float) -> list[Alert]:
     return alerts
 
 
-def stale_subscriptions() -> QuerySet[Subscription]:
-    """Active market-data subscriptions with no event for MONITOR_STALE_SUBSCRIPTION_AFTER seconds."""
-    cutoff = timezone.now() - timedelta(seconds=settings.MONITOR_STALE_SUBSCRIPTION_AFTER)
-    return Subscription.objects.filter(status=Subscription.Status.ACTIVE, event_class__in=STALE_CLASSES).filter(
-        Q(last_event_at__lt=cutoff) | Q(last_event_at__isnull=True, updated_at__lt=cutoff)
-    )
-
-
 def read_gateway_status(client: redis.Redis) -> dict[str, Any] | None:
     raw = client.get(f"{settings.REDIS_KEY_PREFIX}gateway:status")
     return orjson.loads(raw) if raw else None
@@ -492,7 +482,7 @@ def monitor_gateway() -> dict[str, Any]:
                         {"service": row.service_name, "topic": row.bybit_topic, "category": row.category,
                          "last_event_at": row.last_event_at.isoformat() if row.last_event_at else None},
                     )
-                    for row in stale_subscriptions()
+                    for row in Subscription.stale_rows()
                 ]  # fmt: skip
                 events += sync_alerts(client, ["subscription.stale"], stale)
             emit(events)

@@ -6,7 +6,9 @@ import hashlib
 import hmac
 import secrets
 import uuid
+from datetime import datetime, timedelta
 
+from django.conf import settings
 from django.db import models
 from django.utils import timezone
 
@@ -14,6 +16,8 @@ API_KEY_PREFIX = "wsg_"
 API_KEY_PREFIX_LENGTH = 12  # "wsg_" + 8 characters, shown in the admin and stored in clear
 MAX_SERVICE_NAME = 63
 MAX_SYMBOL = 40
+# Private streams and liquidations can be quiet for hours; only these classes can go stale.
+STALE_CLASSES = ("trade", "ticker", "orderbook", "kline")
 
 
 def hash_api_key(raw: str) -> str:
@@ -106,3 +110,22 @@ class Subscription(models.Model):
     @property
     def is_live(self) -> bool:
         return self.status in self.LIVE_STATUSES
+
+    @staticmethod
+    def stale_cutoff() -> datetime:
+        return timezone.now() - timedelta(seconds=settings.MONITOR_STALE_SUBSCRIPTION_AFTER)
+
+    @classmethod
+    def stale_rows(cls) -> models.QuerySet[Subscription]:
+        """Active market-data rows with no event for MONITOR_STALE_SUBSCRIPTION_AFTER seconds."""
+        cutoff = cls.stale_cutoff()
+        return cls.objects.filter(status=cls.Status.ACTIVE, event_class__in=STALE_CLASSES).filter(
+            models.Q(last_event_at__lt=cutoff) | models.Q(last_event_at__isnull=True, updated_at__lt=cutoff)
+        )
+
+    @property
+    def is_stale(self) -> bool:
+        """The same rule as `stale_rows`, for one row."""
+        if self.status != self.Status.ACTIVE or self.event_class not in STALE_CLASSES:
+            return False
+        return (self.last_event_at or self.updated_at) < self.stale_cutoff()

@@ -40,12 +40,18 @@ class SubscriptionRequestSerializer(StrictSerializer):
 
 
 class SubscriptionSerializer(serializers.ModelSerializer):
+    stale = serializers.BooleanField(
+        source="is_stale",
+        read_only=True,
+        help_text="active market data with no event for MONITOR_STALE_SUBSCRIPTION_AFTER seconds",
+    )
+
     class Meta:
         model = Subscription
         fields = [
             "id", "service_name", "channel", "category", "symbol", "depth", "interval", "event_class",
             "bybit_topic", "routing_key", "queue_name", "status", "error", "created_at", "updated_at",
-            "cancelled_at", "last_event_at",
+            "cancelled_at", "last_event_at", "stale",
         ]  # fmt: skip
         read_only_fields = fields
 

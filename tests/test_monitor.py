@@ -270,7 +270,7 @@ def test_gateway_that_stops_writing_status_raises_liveness_alert_once(
     client.close()
 
 
-def test_subscriptions_without_events_are_flagged_stale(worker, settings, redis_prefix):
+def test_subscriptions_without_events_are_flagged_stale(worker, settings, redis_prefix, api_client):
     client = redis.Redis.from_url(settings.REDIS_URL)
     client.set(f"{redis_prefix}gateway:status", orjson.dumps({"updated_at": time.time(), "sockets": []}))
     long_ago = timezone.now() - timedelta(seconds=settings.MONITOR_STALE_SUBSCRIPTION_AFTER + 60)
@@ -290,6 +290,8 @@ def test_subscriptions_without_events_are_flagged_stale(worker, settings, redis_
     stored = {a["subject"]: a for a in monitor.active_alerts(client)}
     assert set(stored) == {str(rows["quiet"].id)}
     assert stored[str(rows["quiet"].id)]["details"]["topic"] == "trade.quiet"
+    flags = {name: api_client.get(f"/api/v1/subscriptions/{row.id}").json()["stale"] for name, row in rows.items()}
+    assert flags == {"quiet": True, "busy": False, "private": False}
 
     Subscription.objects.filter(pk=rows["quiet"].pk).update(last_event_at=timezone.now())
     assert run(tasks.monitor_gateway)["events"] == ["subscription.stale:resolved"]
