@@ -330,6 +330,11 @@ def sync_alerts(
     return events
 
 
+def crossings(events: list[dict[str, Any]]) -> list[str]:
+    """`alert:state` of each event: what a task returns, for Flower and the tests."""
+    return [f"{e['alert']}:{e['state']}" for e in events]
+
+
 def emit(events: list[dict[str, Any]]) -> None:
     """Each crossing as a log event named after the alert, then (if configured) one POST each."""
     for event in events:
@@ -401,7 +406,7 @@ def check_queues(client: redis.Redis) -> dict[str, Any]:
         unreachable = Alert("rabbitmq.unreachable", "rabbitmq", "critical", {"error": error})
         events = sync_alerts(client, ["rabbitmq"], [unreachable])
         emit(events)
-        return {"queues": 0, "events": [e["alert"] for e in events], "error": error}
+        return {"queues": 0, "events": crossings(events), "error": error}
     depths = earlier_depths_by_queue([r.queue for r in readings], now)
     samples, alerts, context = [], [], {}
     for reading in readings:
@@ -431,7 +436,7 @@ def check_queues(client: redis.Redis) -> dict[str, Any]:
     QueueSample.objects.bulk_create(samples)
     events = sync_alerts(client, QUEUE_FAMILIES, alerts, context)
     emit(events)
-    return {"queues": len(samples), "events": [f"{e['alert']}:{e['state']}" for e in events]}
+    return {"queues": len(samples), "events": crossings(events)}
 
 
 def gateway_alerts(status: dict[str, Any] | None, now: float) -> list[Alert]:
@@ -486,7 +491,7 @@ def monitor_gateway() -> dict[str, Any]:
                 ]  # fmt: skip
                 events += sync_alerts(client, ["subscription.stale"], stale)
             emit(events)
-            return {"alerts": [a.name for a in alerts], "events": [f"{e['alert']}:{e['state']}" for e in events]}
+            return {"alerts": [a.name for a in alerts], "events": crossings(events)}
     finally:
         client.close()
 
