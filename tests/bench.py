@@ -51,6 +51,7 @@ def main(which: str) -> dict[str, Any]:
         rows += [
             ("(a) raw publish/s", publish["raw_publish_per_s"], "bare py-amqp, pipelined confirms (perf-notes loop)"),
             ("    raw CPU us/msg", publish["raw_publish_cpu_us"], ""),
+            ("    RabbitMQ CPU us/msg", publish["raw_broker_cpu_us"], "publish, route, confirm; nobody consumes"),
             ("    Publisher alone/s", publish["publisher_per_s"], f"x{publish['publisher_vs_raw']} of (a)"),
             ("    Publisher CPU us/msg", publish["publisher_cpu_us"], ""),
         ]
@@ -85,6 +86,7 @@ def main(which: str) -> dict[str, Any]:
                 f"{full['cores_busy_total']} of {os.cpu_count()}",
                 ", ".join(f"{name} {busy}" for name, busy in full["cores_busy"].items()),
             ),
+            ("    RabbitMQ CPU us/event", full["broker_cpu_us_per_event"], "publish, route, confirm and deliver"),
             ("(c) latency p50 ms", paced["latency_p50_ms"], "at 2,000 events/s, simulator send -> consumer"),
             ("    latency p99 ms", paced["latency_p99_ms"], ""),
             ("    latency max ms", paced["latency_max_ms"], ""),

@@ -229,6 +229,7 @@ def run_path(symbols: int, rate: str, seconds: float, gateway_env: dict[str, str
         # Cores busy over the measured window, per process and in all (this machine has os.cpu_count()).
         "cores_busy": {name: round(used / elapsed, 2) for name, used in cpu_used.items()},
         "cores_busy_total": round(sum(cpu_used.values()) / elapsed, 2),
+        "broker_cpu_us_per_event": round(cpu_used["rabbitmq"] / max(1, confirmed) * 1e6, 1),
     }
 
 

@@ -16,6 +16,8 @@ from typing import Any
 import amqp
 import orjson
 
+from tests.bench_gateway import cpu_of, pids_named
+
 URL = os.environ.get("BENCH_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672//")
 EXCHANGE, QUEUE, KEY = "ws-gateway.events", "ws-gateway.bench.raw", "trade.linear.BTCUSDT"
 BODY = orjson.dumps(
@@ -81,7 +83,8 @@ def raw_pyamqp(n: int, window: int = 2000) -> dict[str, float]:
     acked = [0]
     ch.events["basic_ack"].add(lambda tag, multiple: acked.__setitem__(0, max(acked[0], tag)))
     ch.confirm_select()
-    t0, c0 = time.perf_counter(), cpu()
+    broker = pids_named("beam.smp")
+    t0, c0, b0 = time.perf_counter(), cpu(), cpu_of(broker)
     for i in range(1, n + 1):
         ch._basic_publish(
             amqp.Message(BODY, delivery_mode=1, content_type="application/json"), exchange=EXCHANGE, routing_key=KEY
@@ -90,9 +93,9 @@ def raw_pyamqp(n: int, window: int = 2000) -> dict[str, float]:
             conn.drain_events(timeout=5)
     while acked[0] < n:
         conn.drain_events(timeout=5)
-    wall, used = time.perf_counter() - t0, cpu() - c0
+    wall, used, broker_used = time.perf_counter() - t0, cpu() - c0, cpu_of(broker) - b0
     conn.close()
-    return {"per_s": n / wall, "cpu_us": used / n * 1e6}
+    return {"per_s": n / wall, "cpu_us": used / n * 1e6, "broker_cpu_us": broker_used / n * 1e6}
 
 
 def gateway_publisher(n: int) -> dict[str, float]:
@@ -136,6 +139,7 @@ def run(n: int = 30_000) -> dict[str, Any]:
     return {
         "raw_publish_per_s": round(raw["per_s"]),
         "raw_publish_cpu_us": round(raw["cpu_us"], 1),
+        "raw_broker_cpu_us": round(raw["broker_cpu_us"], 1),
         "publisher_per_s": round(ours["per_s"]),
         "publisher_cpu_us": round(ours["cpu_us"], 1),
         "publisher_vs_raw": round(ours["per_s"] / raw["per_s"], 2),
