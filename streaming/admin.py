@@ -8,30 +8,26 @@ from streaming import monitor
 from streaming.models import AccountBalance, QueueSample, QueueStatus
 
 
-@admin.register(AccountBalance)
-class AccountBalanceAdmin(admin.ModelAdmin):
-    """Balances are written by the gateway from Bybit's wallet topic: read-only here."""
-
-    list_display = ["account_type", "coin", "wallet_balance", "equity", "available_to_withdraw", "exchange_ts"]
-    list_filter = ["account_type", "coin"]
-    search_fields = ["coin"]
-
-    def has_add_permission(self, request: HttpRequest) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj: AccountBalance | None = None) -> bool:
-        return False
-
-    def has_delete_permission(self, request: HttpRequest, obj: AccountBalance | None = None) -> bool:
-        return False
-
-
 class ReadOnlyAdmin(admin.ModelAdmin):
+    """Written by the gateway or the monitor, never by hand."""
+
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False
 
     def has_change_permission(self, request: HttpRequest, obj: object = None) -> bool:
         return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: object = None) -> bool:
+        return False
+
+
+@admin.register(AccountBalance)
+class AccountBalanceAdmin(ReadOnlyAdmin):
+    """Balances are written by the gateway from Bybit's wallet topic: read-only here."""
+
+    list_display = ["account_type", "coin", "wallet_balance", "equity", "available_to_withdraw", "exchange_ts"]
+    list_filter = ["account_type", "coin"]
+    search_fields = ["coin"]
 
 
 @admin.register(QueueStatus)
@@ -48,9 +44,6 @@ class QueueStatusAdmin(ReadOnlyAdmin):
     def get_queryset(self, request: HttpRequest) -> QuerySet[QueueSample]:
         return monitor.latest_samples()
 
-    def has_delete_permission(self, request: HttpRequest, obj: object = None) -> bool:
-        return False
-
     @admin.display(description="fill %")
     def fill_percent(self, sample: QueueSample) -> str:
         return "-" if sample.fill is None else f"{sample.fill * 100:.1f}"
@@ -58,7 +51,7 @@ class QueueStatusAdmin(ReadOnlyAdmin):
 
 @admin.register(QueueSample)
 class QueueSampleAdmin(ReadOnlyAdmin):
-    """Every stored sample (pruned after MONITOR_SAMPLE_RETENTION_HOURS)."""
+    """Every stored sample (pruned after MONITOR_SAMPLE_RETENTION_HOURS by a beat task)."""
 
     list_display = ["queue", "status", "depth", "consumers", "fill", "publish_rate", "consume_rate", "taken_at"]
     list_filter = ["status", "event_class", "service_name"]
