@@ -20,6 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from streaming import monitor
+from wsgateway.health import read_gateway_status, redis_client
 
 log = structlog.get_logger(__name__)
 
@@ -103,16 +104,16 @@ def queue_metrics() -> Iterator[Metric]:
 
 def alert_metrics(active: list[dict[str, Any]]) -> Iterator[Metric]:
     family = GaugeMetricFamily("wsgateway_alerts_active", "Alerts firing now, by name", labels=["alert"])
-    for name, count in sorted(Counter(a["name"] for a in active).items()):
+    for name, count in sorted(Counter(a["alert"] for a in active).items()):
         family.add_metric([name], count)
     yield family
 
 
 class ScrapeCollector:
     def collect(self) -> Iterator[Metric]:
-        client = monitor.redis_client()
+        client = redis_client(5.0)
         try:
-            status = monitor.read_gateway_status(client)
+            status = read_gateway_status(client)
             active = monitor.active_alerts(client)
         except redis.RedisError as exc:
             # Still serve the queue figures; wsgateway_gateway_up 0 says the rest is unknown.

@@ -17,11 +17,11 @@ import time
 import urllib.error
 import urllib.request
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
-from urllib.parse import quote, unquote, urlsplit
+from urllib.parse import quote, urlsplit
 
 import amqp
 import orjson
@@ -32,10 +32,11 @@ from django.db.models import Max, QuerySet
 from django.utils import timezone
 
 from streaming.models import QueueSample
-from streaming.publisher import connect
+from streaming.publisher import amqp_params, connect
 from streaming.queues import queue_arguments
 from subscriptions.models import Subscription
 from subscriptions.topics import EVENT_CLASSES, QUEUE_PREFIX
+from wsgateway.health import read_gateway_status, redis_client
 
 log = structlog.get_logger(__name__)
 
@@ -98,8 +99,8 @@ def parse_queue_name(name: str) -> tuple[str, str] | None:
 
 def management_request(path: str, timeout: float) -> Any:
     """GET the management API with the credentials of RABBITMQ_URL (they are the same users)."""
-    amqp_url = urlsplit(settings.RABBITMQ_URL)
-    credentials = f"{unquote(amqp_url.username or 'guest')}:{unquote(amqp_url.password or 'guest')}"
+    params = amqp_params(settings.RABBITMQ_URL)
+    credentials = f"{params['userid']}:{params['password']}"
     request = urllib.request.Request(
         settings.RABBITMQ_MANAGEMENT_URL.rstrip("/") + path,
         headers={"Authorization": "Basic " + base64.b64encode(credentials.encode()).decode()},
@@ -108,13 +109,8 @@ def management_request(path: str, timeout: float) -> Any:
         return orjson.loads(response.read())
 
 
-def vhost_of(amqp_url: str) -> str:
-    path = urlsplit(amqp_url).path
-    return unquote(path[1:]) if len(path) > 1 else "/"
-
-
 def read_queues_management(timeout: float = 10.0) -> list[QueueReading]:
-    vhost = quote(vhost_of(settings.RABBITMQ_URL), safe="")
+    vhost = quote(str(amqp_params(settings.RABBITMQ_URL)["virtual_host"]), safe="")
     readings = []
     for q in management_request(f"/api/queues/{vhost}?columns={MANAGEMENT_COLUMNS}", timeout):
         parsed = parse_queue_name(q["name"])
@@ -217,8 +213,7 @@ def is_slow(reading: QueueReading, earlier_depths: list[int]) -> bool:
     return all(later > earlier for earlier, later in itertools.pairwise(series))
 
 
-def queue_alerts(reading: QueueReading, earlier_depths: list[int]) -> list[Alert]:
-    fill = fill_ratio(reading)
+def queue_alerts(reading: QueueReading, fill: float | None, earlier_depths: list[int]) -> list[Alert]:
     figures = {
         "service": reading.service_name,
         "event_class": reading.event_class,
@@ -269,10 +264,6 @@ def earlier_depths_by_queue(names: list[str], now: datetime) -> dict[str, list[i
 # Alert state: fire on crossing, resolve on clearing.
 
 
-def redis_client() -> redis.Redis:
-    return redis.Redis.from_url(settings.REDIS_URL, socket_timeout=5, socket_connect_timeout=5)
-
-
 def alerts_key() -> str:
     return f"{settings.REDIS_KEY_PREFIX}monitor:alerts"
 
@@ -296,7 +287,7 @@ def sync_alerts(
     updates: dict[str, bytes] = {}
     for key, alert in current.items():
         before = stored.get(key)
-        if before and before["name"] == alert.name:
+        if before and before["alert"] == alert.name:
             continue
         record = {
             "alert": alert.name,
@@ -306,14 +297,14 @@ def sync_alerts(
             "since": now,
             "details": alert.details,
         }
-        updates[key] = orjson.dumps({**record, "name": alert.name})
-        events.append({**record, "previous": before["name"] if before else None})
+        updates[key] = orjson.dumps(record)
+        events.append({**record, "previous": before["alert"] if before else None})
     gone = [key for key in stored if key.split("|", 1)[0] in families and key not in current]
     for key in gone:
         before = stored[key]
         events.append(
             {
-                "alert": before["name"],
+                "alert": before["alert"],
                 "state": "resolved",
                 "severity": before["severity"],
                 "subject": before["subject"],
@@ -367,18 +358,20 @@ def post_webhook(url: str, events: list[dict[str, Any]]) -> int:
     return sent
 
 
-class RunLock:
-    """At most one run of a check at a time, even when a worker is slow and beat keeps ticking."""
-
-    def __init__(self, client: redis.Redis, name: str) -> None:
-        self.client = client
-        self.key = f"{settings.REDIS_KEY_PREFIX}monitor:lock:{name}"
-
-    def __enter__(self) -> bool:
-        return bool(self.client.set(self.key, "1", nx=True, ex=max(30, int(settings.MONITOR_INTERVAL * 2))))
-
-    def __exit__(self, *_exc: object) -> None:
-        self.client.delete(self.key)
+def run_alone(name: str, check: Callable[[redis.Redis], dict[str, Any]]) -> dict[str, Any]:
+    """Run a check with a Redis client, at most one at a time even when a worker is slow and beat keeps ticking."""
+    client = redis_client(5.0)
+    lock = f"{settings.REDIS_KEY_PREFIX}monitor:lock:{name}"
+    try:
+        if not client.set(lock, "1", nx=True, ex=max(30, int(settings.MONITOR_INTERVAL * 2))):
+            log.info("monitor.skipped", check=name, reason="a previous run is still going")
+            return {"skipped": True}
+        try:
+            return check(client)
+        finally:
+            client.delete(lock)
+    finally:
+        client.close()
 
 
 # The two checks the tasks run.
@@ -386,15 +379,7 @@ class RunLock:
 
 def monitor_queues() -> dict[str, Any]:
     """Read every gateway queue, store a sample each, raise and clear queue alerts."""
-    client = redis_client()
-    try:
-        with RunLock(client, "queues") as acquired:
-            if not acquired:
-                log.info("monitor.skipped", check="queues", reason="a previous run is still going")
-                return {"skipped": True}
-            return check_queues(client)
-    finally:
-        client.close()
+    return run_alone("queues", check_queues)
 
 
 def check_queues(client: redis.Redis) -> dict[str, Any]:
@@ -410,9 +395,9 @@ def check_queues(client: redis.Redis) -> dict[str, Any]:
     depths = earlier_depths_by_queue([r.queue for r in readings], now)
     samples, alerts, context = [], [], {}
     for reading in readings:
-        found = queue_alerts(reading, depths.get(reading.queue, []))
-        alerts.extend(found)
         fill = fill_ratio(reading)
+        found = queue_alerts(reading, fill, depths.get(reading.queue, []))
+        alerts.extend(found)
         context[reading.queue] = {"service": reading.service_name, "depth": reading.depth, "fill": fill}
         samples.append(
             QueueSample(
@@ -463,37 +448,29 @@ def gateway_alerts(status: dict[str, Any] | None, now: float) -> list[Alert]:
     return alerts
 
 
-def read_gateway_status(client: redis.Redis) -> dict[str, Any] | None:
-    raw = client.get(f"{settings.REDIS_KEY_PREFIX}gateway:status")
-    return orjson.loads(raw) if raw else None
-
-
 def monitor_gateway() -> dict[str, Any]:
     """Gateway liveness from its status record, and stale subscriptions while it is alive."""
-    client = redis_client()
-    try:
-        with RunLock(client, "gateway") as acquired:
-            if not acquired:
-                return {"skipped": True}
-            alerts = gateway_alerts(read_gateway_status(client), time.time())
-            events = sync_alerts(client, GATEWAY_FAMILIES, alerts)
-            # A dead gateway makes every subscription stale: one gateway alert says it, not hundreds.
-            if not any(a.name == "gateway.status.stale" for a in alerts):
-                stale = [
-                    Alert(
-                        "subscription.stale",
-                        str(row.id),
-                        "warning",
-                        {"service": row.service_name, "topic": row.bybit_topic, "category": row.category,
-                         "last_event_at": row.last_event_at.isoformat() if row.last_event_at else None},
-                    )
-                    for row in Subscription.stale_rows()
-                ]  # fmt: skip
-                events += sync_alerts(client, ["subscription.stale"], stale)
-            emit(events)
-            return {"alerts": [a.name for a in alerts], "events": crossings(events)}
-    finally:
-        client.close()
+    return run_alone("gateway", check_gateway)
+
+
+def check_gateway(client: redis.Redis) -> dict[str, Any]:
+    alerts = gateway_alerts(read_gateway_status(client), time.time())
+    events = sync_alerts(client, GATEWAY_FAMILIES, alerts)
+    # A dead gateway makes every subscription stale: one gateway alert says it, not hundreds.
+    if not any(a.name == "gateway.status.stale" for a in alerts):
+        stale = [
+            Alert(
+                "subscription.stale",
+                str(row.id),
+                "warning",
+                {"service": row.service_name, "topic": row.bybit_topic, "category": row.category,
+                 "last_event_at": row.last_event_at.isoformat() if row.last_event_at else None},
+            )
+            for row in Subscription.stale_rows()
+        ]  # fmt: skip
+        events += sync_alerts(client, ["subscription.stale"], stale)
+    emit(events)
+    return {"alerts": [a.name for a in alerts], "events": crossings(events)}
 
 
 def latest_samples() -> QuerySet[QueueSample]:

@@ -21,6 +21,7 @@ from streaming.publisher import connect
 from streaming.queues import queue_arguments
 from subscriptions.models import Subscription
 from tests.conftest import management_api, wait_for
+from wsgateway.health import read_gateway_status
 
 pytestmark = pytest.mark.django_db(transaction=True)
 QUEUE = "ws-gateway.alpha.trade"
@@ -248,7 +249,7 @@ def test_gateway_that_stops_writing_status_raises_liveness_alert_once(
     runner = start_gateway()
     client = redis.Redis.from_url(settings.REDIS_URL)
     wait_for(
-        lambda: (s := monitor.read_gateway_status(client)) and s["counters"]["published"] > 0,
+        lambda: (s := read_gateway_status(client)) and s["counters"]["published"] > 0,
         message="the gateway to publish",
     )
     assert run(tasks.monitor_gateway)["alerts"] == []

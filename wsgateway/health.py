@@ -63,6 +63,12 @@ def redis_client(timeout: float) -> redis.Redis:
     return redis.Redis.from_url(settings.REDIS_URL, socket_timeout=timeout, socket_connect_timeout=timeout)
 
 
+def read_gateway_status(client: redis.Redis) -> dict[str, Any] | None:
+    """The record run_gateway writes every GATEWAY_STATUS_INTERVAL; None when there is none."""
+    raw = client.get(f"{settings.REDIS_KEY_PREFIX}gateway:status")
+    return orjson.loads(raw) if raw else None
+
+
 def check_redis(timeout: float) -> dict[str, Any]:
     client = redis_client(timeout)
     try:
@@ -75,12 +81,11 @@ def check_redis(timeout: float) -> dict[str, Any]:
 def check_gateway(timeout: float) -> dict[str, Any]:
     client = redis_client(timeout)
     try:
-        raw = client.get(f"{settings.REDIS_KEY_PREFIX}gateway:status")
+        record = read_gateway_status(client)
     finally:
         client.close()
-    if raw is None:
+    if record is None:
         return {"status": "unknown", "detail": "no status record: is run_gateway running?"}
-    record = orjson.loads(raw)
     age = time.time() - float(record.get("updated_at", 0))
     result = {k: record[k] for k in GATEWAY_PASSTHROUGH if k in record}
     result["age_s"] = round(age, 3)
