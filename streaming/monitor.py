@@ -97,22 +97,19 @@ def parse_queue_name(name: str) -> tuple[str, str] | None:
 # Reading RabbitMQ.
 
 
-def management_request(path: str, timeout: float) -> Any:
-    """GET the management API with the credentials of RABBITMQ_URL (they are the same users)."""
+def read_queues_management(timeout: float = 10.0) -> list[QueueReading]:
+    """Every gateway queue of the vhost, from the management API (same user as RABBITMQ_URL)."""
     params = amqp_params(settings.RABBITMQ_URL)
-    credentials = f"{params['userid']}:{params['password']}"
+    vhost = quote(str(params["virtual_host"]), safe="")
+    credentials = base64.b64encode(f"{params['userid']}:{params['password']}".encode()).decode()
     request = urllib.request.Request(
-        settings.RABBITMQ_MANAGEMENT_URL.rstrip("/") + path,
-        headers={"Authorization": "Basic " + base64.b64encode(credentials.encode()).decode()},
+        f"{settings.RABBITMQ_MANAGEMENT_URL.rstrip('/')}/api/queues/{vhost}?columns={MANAGEMENT_COLUMNS}",
+        headers={"Authorization": f"Basic {credentials}"},
     )
     with urllib.request.urlopen(request, timeout=timeout) as response:
-        return orjson.loads(response.read())
-
-
-def read_queues_management(timeout: float = 10.0) -> list[QueueReading]:
-    vhost = quote(str(amqp_params(settings.RABBITMQ_URL)["virtual_host"]), safe="")
+        queues = orjson.loads(response.read())
     readings = []
-    for q in management_request(f"/api/queues/{vhost}?columns={MANAGEMENT_COLUMNS}", timeout):
+    for q in queues:
         parsed = parse_queue_name(q["name"])
         if parsed is None:
             continue
@@ -171,7 +168,7 @@ def read_queues_declare() -> list[QueueReading]:
                 )
             )
     finally:
-        conn.collect()
+        conn.close()
     return readings
 
 
