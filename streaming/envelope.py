@@ -18,8 +18,7 @@ from typing import Any
 
 import orjson
 
-from streaming.orderbook import Books
-from streaming.tickers import Tickers
+from streaming.marketstate import MarketState
 from subscriptions.topics import CHANNEL_BY_BYBIT, Channel
 
 # Per-category private topics ("order.linear") route like their plain form.
@@ -40,51 +39,66 @@ class Event:
     received_ts: int
 
 
-@dataclass(slots=True)
-class Frame:
-    """What one frame turned out to be; exactly one of its parts is meaningful."""
+@dataclass(frozen=True, slots=True)
+class ControlReply:
+    """A reply to one of our requests (auth, subscribe, ping): the socket handles it."""
 
-    events: list[Event] = field(default_factory=list)
-    control: dict[str, Any] | None = None
-    malformed: str = ""  # the reason, when the frame could not be used
+    message: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Malformed:
+    """A frame that could not be used, and why."""
+
+    reason: str
     topic: str = ""
-    parsed: dict[str, Any] | None = None  # the decoded data frame, for market state
-    event_class: str = ""
-    category: str = ""
+
+
+@dataclass(slots=True)
+class DataFrame:
+    """A data frame of one topic and the events it became."""
+
+    topic: str
+    parsed: dict[str, Any]  # the decoded frame, for market state
+    event_class: str
+    category: str  # the socket's category ("private" for the private socket)
     symbol: str = ""
     param: str = ""  # the depth or interval of the topic
+    events: list[Event] = field(default_factory=list)
     gap: bool = False  # an order-book `u` was skipped: the topic needs a fresh snapshot
     merged: dict[str, Any] | None = None  # the complete ticker
+
+
+Frame = ControlReply | Malformed | DataFrame
 
 
 class Envelopes:
     """Turns frames into events; owns the id counter so ids are unique within a run."""
 
-    def __init__(self, run_id: str | None = None, books: Books | None = None, tickers: Tickers | None = None) -> None:
+    def __init__(self, run_id: str | None = None, state: MarketState | None = None) -> None:
         # Ids are `<run>-<frame>-<item>`: unique across restarts, cheap to make, and the same
         # when an unconfirmed event is re-published, so consumers can dedupe on `id`.
         self.run_id = run_id or os.urandom(6).hex()
         self.frame_no = 0
-        self.books = books
-        self.tickers = tickers
+        self.state = state
 
     def handle(self, raw: str | bytes, category: str) -> Frame:
         """Classify and wrap one frame received on a socket of `category` ("private" for the private one)."""
         if isinstance(raw, bytes):
-            return Frame(malformed="binary frame")
+            return Malformed("binary frame")
         try:
             msg = orjson.loads(raw)
         except orjson.JSONDecodeError:
-            return Frame(malformed="invalid JSON")
+            return Malformed("invalid JSON")
         if not isinstance(msg, dict):
-            return Frame(malformed="not a JSON object")
+            return Malformed("not a JSON object")
         topic = msg.get("topic")
         if topic is None:
             if "op" in msg or "success" in msg:
-                return Frame(control=msg)
-            return Frame(malformed="neither a data frame nor a control message")
+                return ControlReply(msg)
+            return Malformed("neither a data frame nor a control message")
         if not isinstance(topic, str):
-            return Frame(malformed="topic is not a string")
+            return Malformed("topic is not a string")
         self.frame_no += 1
         trace_id = f"{self.run_id}-{self.frame_no}"
         received_ts = time.time_ns() // 1_000_000
@@ -96,40 +110,38 @@ class Envelopes:
         head, _, rest = topic.partition(".")
         spec = CHANNEL_BY_BYBIT.get(head)
         if spec is None or spec.private or not rest:
-            return Frame(malformed="unknown topic", topic=topic)
+            return Malformed("unknown topic", topic)
         data = msg.get("data")
         if data is None:
-            return Frame(malformed="missing data", topic=topic)
+            return Malformed("missing data", topic)
         if spec.has_depth or spec.has_interval:
             param, _, symbol = rest.partition(".")
             if not symbol:
-                return Frame(malformed="unknown topic", topic=topic)
+                return Malformed("unknown topic", topic)
             routing_key = f"{spec.event_class}.{category}.{symbol}.{param}"
         else:
             param, symbol = "", rest
             routing_key = f"{spec.event_class}.{category}.{symbol}"
         kind = msg.get("type", "snapshot")
-        frame = Frame(
-            topic=topic, parsed=msg, event_class=spec.event_class, category=category, symbol=symbol, param=param
-        )
+        frame = DataFrame(topic, msg, spec.event_class, category, symbol, param)
         state: dict[str, Any] = {}
         if spec.has_depth:
             if not isinstance(data, dict):
-                return Frame(malformed="orderbook data is not an object", topic=topic)
+                return Malformed("orderbook data is not an object", topic)
             u, seq = data.get("u"), data.get("seq")
-            if self.books is not None:
+            if self.state is not None:
                 try:
-                    update = self.books.apply(category, topic, kind, data)
+                    update = self.state.book(category, topic, kind, data)
                 except (KeyError, TypeError, ValueError, InvalidOperation):
-                    return Frame(malformed="orderbook data without u, b or a", topic=topic)
+                    return Malformed("orderbook data without u, b or a", topic)
                 state["consistent"] = update.consistent
                 if update.gap:
                     state["gap"] = {"expected_u": update.expected_u, "received_u": update.received_u}
                     frame.gap = True
         else:
             u, seq = None, msg.get("cs")
-            if self.tickers is not None and spec.event_class == "ticker" and isinstance(data, dict):
-                frame.merged = state["merged"] = self.tickers.apply(category, symbol, kind, data)
+            if self.state is not None and spec.event_class == "ticker" and isinstance(data, dict):
+                frame.merged = state["merged"] = self.state.ticker(category, symbol, kind, data)
         event_id = f"{trace_id}-0"
         head = envelope_head(
             event_id, spec.event_class, topic, category, symbol, kind, msg.get("ts"), received_ts, trace_id
@@ -141,15 +153,15 @@ class Envelopes:
     def private_frame(self, msg: dict[str, Any], topic: str, trace_id: str, received_ts: int) -> Frame:
         spec = private_channel(topic)
         if spec is None:
-            return Frame(malformed="unknown topic", topic=topic)
+            return Malformed("unknown topic", topic)
         items = msg.get("data")
         if not isinstance(items, list):
-            return Frame(malformed="private data is not a list", topic=topic)
+            return Malformed("private data is not a list", topic)
         exchange_ts = msg.get("creationTime")
         events = []
         for index, item in enumerate(items):
             if not isinstance(item, dict):
-                return Frame(malformed="private item is not an object", topic=topic)
+                return Malformed("private item is not an object", topic)
             if spec.event_class == "balance":
                 category, symbol = "", item.get("accountType")
                 routing_key = f"balance.{symbol}"
@@ -157,7 +169,7 @@ class Envelopes:
                 category, symbol = item.get("category"), item.get("symbol")
                 routing_key = f"{spec.event_class}.{category}.{symbol}"
             if not isinstance(symbol, str) or not symbol or not isinstance(category, str):
-                return Frame(malformed="private item without category, symbol or accountType", topic=topic)
+                return Malformed("private item without category, symbol or accountType", topic)
             event_id = f"{trace_id}-{index}"
             head = envelope_head(
                 event_id, spec.event_class, topic, category, symbol, "snapshot", exchange_ts, received_ts, trace_id
@@ -165,7 +177,7 @@ class Envelopes:
             body = orjson.dumps({**head, "u": None, "seq": item.get("seq"), "cts": None, "bybit_id": msg.get("id"),
                                  "data": item})  # fmt: skip
             events.append(Event(event_id, trace_id, spec.event_class, routing_key, body, True, topic, received_ts))
-        return Frame(events=events, topic=topic, parsed=msg, event_class=spec.event_class, category="private")
+        return DataFrame(topic, msg, spec.event_class, "private", events=events)
 
 
 def envelope_head(

@@ -20,7 +20,7 @@ import orjson
 import redis.asyncio as aioredis
 import structlog
 
-from streaming.orderbook import OrderBook
+from streaming.marketstate import OrderBook
 from wsgateway.logging import LogThrottle
 
 log = structlog.get_logger(__name__)

@@ -33,7 +33,7 @@ from django.utils import timezone
 
 from streaming.models import QueueSample
 from streaming.publisher import amqp_params, connect
-from streaming.queues import queue_arguments
+from streaming.reconciler import queue_arguments
 from subscriptions.models import Subscription
 from subscriptions.topics import EVENT_CLASSES, QUEUE_PREFIX
 from wsgateway.health import read_gateway_status, redis_client

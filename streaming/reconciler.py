@@ -1,31 +1,49 @@
-"""Desired state -> Bybit: which topics the subscriptions table wants, and where they live.
+"""Desired state -> Bybit and RabbitMQ: the reconcile loop, its nudge listener, queue declarations.
 
-The database and AMQP work here is synchronous and runs on the gateway's single I/O thread,
-never on the event loop. `assign` is pure: it spreads wanted topics over sockets within
-Bybit's per-connection limits, keeping every topic on the socket that already holds it.
+`Reconciler` compares the live subscription rows with the topics on the gateway's sockets and
+the queues bound on the exchange, and closes the difference: every few seconds, and at once
+when the API nudges. The database and AMQP work is synchronous and runs on the gateway's
+single I/O thread, never on the event loop. `assign` is pure: it spreads wanted topics over
+sockets within Bybit's per-connection limits, keeping every topic where it already is.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import asyncio
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
 
 import amqp
 import structlog
-from django.db import close_old_connections
+from django.conf import settings
+from django.db import DatabaseError, close_old_connections
 from django.utils import timezone
 
-from streaming.bybit import fits
+from streaming.bybit import backoff_delay, fits
 from streaming.publisher import connect
-from streaming.queues import queue_arguments
 from subscriptions.models import Subscription
-from subscriptions.topics import EXCHANGE
+from subscriptions.services import (
+    subscriptions_mark_active,
+    subscriptions_mark_failed,
+    subscriptions_record_last_events,
+)
+from subscriptions.topics import CONTROL_EXCHANGE, CONTROL_ROUTING_KEY, EXCHANGE, PRIVATE_CLASSES
+from wsgateway.logging import LogThrottle
+
+if TYPE_CHECKING:
+    from streaming.bybit import BybitSocket
+    from streaming.gateway import Gateway
 
 log = structlog.get_logger(__name__)
 
 PRIVATE = "private"
 CANCELLED_LOOKBACK = timedelta(days=1)  # bindings of rows cancelled while the gateway was down
+LAST_EVENT_FLUSH_INTERVAL = 10.0  # seconds between `last_event_at` writes
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,38 +74,44 @@ def load_cancelled_bindings() -> set[tuple[str, str]]:
     return set(rows.values_list("queue_name", "routing_key"))
 
 
-def rows_filter(socket_category: str, topics: Iterable[str]) -> dict[str, object]:
-    category = "" if socket_category == PRIVATE else socket_category
-    return {"category": category, "bybit_topic__in": list(topics)}
+def db_category(socket_category: str) -> str:
+    """The subscriptions' `category` of a socket's topics: "" for the private socket."""
+    return "" if socket_category == PRIVATE else socket_category
 
 
 def mark_active(socket_category: str, topics: list[str]) -> int:
-    """Bybit confirmed these topics: their pending rows become active."""
     close_old_connections()
-    return Subscription.objects.filter(
-        status=Subscription.Status.PENDING, **rows_filter(socket_category, topics)
-    ).update(status=Subscription.Status.ACTIVE, error="", updated_at=timezone.now())
+    return subscriptions_mark_active(category=db_category(socket_category), topics=topics)
 
 
 def mark_failed(socket_category: str, topics: list[str] | None, message: str) -> int:
-    """Bybit refused: live rows of these topics (all of the socket's when None) become failed."""
     close_old_connections()
-    rows = Subscription.objects.filter(status__in=Subscription.LIVE_STATUSES)
-    if topics is None:
-        rows = rows.filter(category="" if socket_category == PRIVATE else socket_category)
-    else:
-        rows = rows.filter(**rows_filter(socket_category, topics))
-    return rows.update(status=Subscription.Status.FAILED, error=message[:1000], updated_at=timezone.now())
+    return subscriptions_mark_failed(category=db_category(socket_category), topics=topics, message=message)
 
 
 def record_last_events(seen: dict[tuple[str, str], float]) -> None:
-    """Write coarse `last_event_at` per topic (one UPDATE per topic, every few seconds at most)."""
     close_old_connections()
-    for (socket_category, topic), ts in seen.items():
-        at = datetime.fromtimestamp(ts, tz=UTC)
-        Subscription.objects.filter(status=Subscription.Status.ACTIVE, **rows_filter(socket_category, [topic])).update(
-            last_event_at=at
-        )
+    subscriptions_record_last_events(seen={(db_category(c), t): ts for (c, t), ts in seen.items()})
+
+
+def queue_arguments(event_class: str) -> dict[str, Any]:
+    """Retention of a `ws-gateway.<service>.<class>` queue.
+
+    Market data drops the oldest message when full (`drop-head`), so a slow consumer gets the
+    freshest data; private classes refuse new messages instead (`reject-publish`): RabbitMQ
+    nacks the publish and the gateway keeps and retries it, so nothing is lost silently.
+    """
+    arguments: dict[str, Any] = {}
+    limit = settings.QUEUE_MAX_LENGTH.get(event_class, 0)
+    if limit:
+        arguments["x-max-length"] = limit
+    if event_class in PRIVATE_CLASSES:
+        arguments["x-overflow"] = "reject-publish"
+    else:
+        arguments["x-overflow"] = "drop-head"
+        if settings.QUEUE_MARKET_TTL_MS:
+            arguments["x-message-ttl"] = settings.QUEUE_MARKET_TTL_MS
+    return arguments
 
 
 def assign(wanted: dict[str, set[str]], current: dict[str, tuple[str, set[str]]]) -> dict[str, tuple[str, set[str]]]:
@@ -193,3 +217,123 @@ class Bindings:
             except (OSError, amqp.exceptions.AMQPError):
                 pass
         self.conn = self.channel = None
+
+
+class Reconciler:
+    """Keeps the gateway's sockets and the queue bindings equal to the live subscriptions."""
+
+    def __init__(self, gateway: Gateway, interval: float) -> None:
+        self.gateway = gateway
+        self.interval = interval
+        self.bindings = Bindings(gateway.config.rabbitmq_url)
+        self.rejected: dict[tuple[str, str], str] = {}  # (socket category, topic) -> Bybit's ret_msg
+        self.seen: dict[tuple[str, str], float] = {}  # (socket category, topic) -> last event time
+        self.last_events_flushed = 0.0
+        self.nudged = asyncio.Event()
+        self.throttle = LogThrottle()
+
+    async def once(self) -> None:
+        """Make the sockets' topics and the queue bindings equal to the live subscriptions."""
+        gw = self.gateway
+        rows = await gw.in_io(load_live_rows)
+        if gw.config.credentials is None and any(r.socket_category == PRIVATE for r in rows):
+            message = "private streams need BYBIT_API_KEY and BYBIT_API_SECRET"
+            failed = await gw.in_io(mark_failed, PRIVATE, None, message)
+            log.error("gateway.private_without_credentials", failed_subscriptions=failed)
+            rows = [r for r in rows if r.socket_category != PRIVATE]
+        await gw.in_io(self.bindings.ensure, rows)
+
+        wanted: dict[str, set[str]] = defaultdict(set)
+        for row in rows:
+            if (row.socket_category, row.bybit_topic) not in self.rejected:
+                wanted[row.socket_category].add(row.bybit_topic)
+        current = {name: (s.category, set(s.desired)) for name, s in gw.sockets.items()}
+        plan = assign(wanted, current)
+        for name, (category, topics) in plan.items():
+            sock = gw.sockets.get(name) or gw.open_socket(name, category)
+            if sock.desired != topics:
+                gw.market.forget(category, sock.desired - topics)
+                sock.want(topics)
+        for name in [n for n in gw.sockets if n not in plan]:
+            gw.market.forget(gw.sockets[name].category, gw.sockets[name].desired)
+            await gw.close_socket(name)
+
+        # Rows whose topic is already live (a second service, or rows created while we were down).
+        live = {(s.category, t) for s in gw.sockets.values() for t in s.live}
+        pending: dict[str, list[str]] = defaultdict(list)
+        for row in rows:
+            if row.status == "pending" and (row.socket_category, row.bybit_topic) in live:
+                pending[row.socket_category].append(row.bybit_topic)
+        for category, topics in pending.items():
+            await gw.in_io(mark_active, category, topics)
+
+        if time.monotonic() - self.last_events_flushed > LAST_EVENT_FLUSH_INTERVAL and self.seen:
+            seen = dict(self.seen)
+            self.seen.clear()  # the same dict: the per-frame path writes into it
+            self.last_events_flushed = time.monotonic()
+            await gw.in_io(record_last_events, seen)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Reconcile every `interval` seconds, and at once when nudged, until `stop`."""
+        while not stop.is_set():
+            try:
+                await self.once()
+            except (DatabaseError, OSError, amqp.exceptions.AMQPError) as exc:
+                if self.throttle.allow("reconcile") is not None:
+                    log.warning("gateway.reconcile_failed", error=f"{type(exc).__name__}: {exc}"[:200])
+            try:
+                await asyncio.wait_for(self.nudged.wait(), self.interval)
+            except TimeoutError:
+                pass
+            self.nudged.clear()
+
+    def topics_confirmed(self, sock: BybitSocket, topics: list[str]) -> None:
+        """Bybit confirmed these topics: their pending rows become active."""
+        log.info("bybit.subscribed", socket=sock.name, topics=len(topics), first=topics[0])
+        self.gateway.in_background(mark_active, sock.category, topics)
+
+    def topic_rejected(self, sock: BybitSocket, topic: str, message: str) -> None:
+        """Bybit refused a topic (or, with topic "*", the credentials): fail its rows."""
+        log.warning("bybit.subscribe_rejected", socket=sock.name, topic=topic, ret_msg=message)
+        key = (sock.category, topic)
+        self.rejected[key] = message
+        topics = None if topic == "*" else [topic]
+        task = self.gateway.in_background(mark_failed, sock.category, topics, message)
+        task.add_done_callback(lambda _t: self.rejected.pop(key, None))
+
+
+class NudgeListener:
+    """Consumes the API's `subscriptions.changed` messages and calls `on_nudge` for each."""
+
+    def __init__(self, url: str, on_nudge: Callable[[], None]) -> None:
+        self.url = url
+        self.on_nudge = on_nudge
+        self.stopping = threading.Event()
+        self.connected = False
+        self.thread = threading.Thread(target=self.run, name="nudges", daemon=True)
+
+    def run(self) -> None:
+        attempt = 0
+        while not self.stopping.is_set():
+            try:
+                conn = connect(self.url, name="ws-gateway nudges")
+                channel = conn.channel()
+                channel.exchange_declare(CONTROL_EXCHANGE, "topic", durable=True, auto_delete=False)
+                queue = channel.queue_declare("", exclusive=True, auto_delete=True).queue
+                channel.queue_bind(queue, CONTROL_EXCHANGE, CONTROL_ROUTING_KEY)
+                channel.basic_consume(queue, callback=lambda _message: self.on_nudge(), no_ack=True)
+                self.connected, attempt = True, 0
+                self.on_nudge()  # nudges sent while we were away are lost: reconcile now
+                while not self.stopping.is_set():
+                    try:
+                        conn.drain_events(timeout=0.5)
+                    except TimeoutError:
+                        pass
+                conn.close()
+            except (OSError, amqp.exceptions.AMQPError) as exc:
+                self.connected = False
+                delay = backoff_delay(attempt, 0.5, 10.0)
+                attempt += 1
+                log.warning("gateway.nudges_disconnected", error=f"{type(exc).__name__}: {exc}"[:200], retry_in=delay)
+                self.stopping.wait(delay)
+        self.connected = False

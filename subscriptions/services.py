@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from datetime import UTC, datetime
 
 import structlog
 from django.conf import settings
@@ -96,6 +97,30 @@ def subscriptions_cancel_for_service(*, service_name: str) -> int:
         log.info("subscription.cancelled_for_service", service=service_name, count=count)
         transaction.on_commit(lambda: nudge_gateway(reason="cancelled", subscription_ids=ids))
     return count
+
+
+def subscriptions_mark_active(*, category: str, topics: list[str]) -> int:
+    """Bybit confirmed these topics: their pending rows become active; return how many.
+
+    `category` is the rows' category ("" for private topics).
+    """
+    rows = Subscription.objects.filter(status=Subscription.Status.PENDING, category=category, bybit_topic__in=topics)
+    return rows.update(status=Subscription.Status.ACTIVE, error="", updated_at=timezone.now())
+
+
+def subscriptions_mark_failed(*, category: str, topics: list[str] | None, message: str) -> int:
+    """Bybit refused: live rows of these topics (every live row of `category` when None) fail."""
+    rows = Subscription.objects.filter(status__in=Subscription.LIVE_STATUSES, category=category)
+    if topics is not None:
+        rows = rows.filter(bybit_topic__in=topics)
+    return rows.update(status=Subscription.Status.FAILED, error=message[:1000], updated_at=timezone.now())
+
+
+def subscriptions_record_last_events(*, seen: dict[tuple[str, str], float]) -> None:
+    """Write a coarse `last_event_at` per (category, topic): one UPDATE a topic, every few seconds."""
+    for (category, topic), ts in seen.items():
+        rows = Subscription.objects.filter(status=Subscription.Status.ACTIVE, category=category, bybit_topic=topic)
+        rows.update(last_event_at=datetime.fromtimestamp(ts, tz=UTC))
 
 
 def api_key_issue(*, service_name: str, label: str = "") -> tuple[ApiKey, str]:

@@ -6,7 +6,7 @@ import random
 import time
 from typing import Any
 
-from streaming.orderbook import OrderBook
+from streaming.marketstate import OrderBook
 
 
 def deltas(depth: int, count: int, seed: int = 1) -> tuple[dict[str, Any], list[dict[str, Any]]]:

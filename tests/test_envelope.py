@@ -5,12 +5,12 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from streaming.envelope import Envelopes
+from streaming.envelope import ControlReply, DataFrame, Envelopes, Malformed
 
 
 def envelope(frame: dict, category: str = "linear") -> dict:
     result = Envelopes("run").handle(orjson.dumps(frame).decode(), category)
-    assert not result.malformed, result.malformed
+    assert isinstance(result, DataFrame), result
     (event,) = result.events
     return orjson.loads(event.body)
 
@@ -68,7 +68,7 @@ def test_wallet_routes_by_account_type() -> None:
 def test_control_replies_are_returned_not_published() -> None:
     pong = {"success": True, "ret_msg": "pong", "conn_id": "c", "op": "ping"}
     result = Envelopes("r").handle(orjson.dumps(pong).decode(), "linear")
-    assert result.control == pong and not result.events
+    assert isinstance(result, ControlReply) and result.message == pong
 
 
 @pytest.mark.parametrize(
@@ -86,7 +86,7 @@ def test_control_replies_are_returned_not_published() -> None:
 )
 def test_malformed_public_frames_are_named(raw: str | bytes, reason: str) -> None:
     result = Envelopes("r").handle(raw, "linear")
-    assert result.malformed == reason and not result.events
+    assert isinstance(result, Malformed) and result.reason == reason
 
 
 @pytest.mark.parametrize(
@@ -100,4 +100,4 @@ def test_malformed_public_frames_are_named(raw: str | bytes, reason: str) -> Non
 )
 def test_malformed_private_frames_publish_nothing(frame: dict, reason: str) -> None:
     result = Envelopes("r").handle(orjson.dumps(frame).decode(), "private")
-    assert result.malformed == reason and not result.events
+    assert isinstance(result, Malformed) and result.reason == reason

@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from streaming import monitor, tasks
 from streaming.models import QueueSample
 from streaming.publisher import connect
-from streaming.queues import queue_arguments
+from streaming.reconciler import queue_arguments
 from subscriptions.models import Subscription
 from tests.conftest import management_api, wait_for
 from wsgateway.health import read_gateway_status
