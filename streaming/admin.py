@@ -4,8 +4,8 @@ from django.contrib import admin
 from django.db.models import QuerySet
 from django.http import HttpRequest
 
-from streaming import monitor
 from streaming.models import AccountBalance, QueueSample, QueueStatus
+from streaming.monitoring.readings import latest_samples
 
 
 class ReadOnlyAdmin(admin.ModelAdmin):
@@ -42,7 +42,7 @@ class QueueStatusAdmin(ReadOnlyAdmin):
     search_fields = ["queue", "service_name"]
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[QueueSample]:
-        return monitor.latest_samples()
+        return latest_samples()
 
     @admin.display(description="fill %")
     def fill_percent(self, sample: QueueSample) -> str:

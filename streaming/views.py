@@ -16,9 +16,9 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from streaming import monitor
 from streaming.lvc import book_key, ticker_key
 from streaming.models import AccountBalance, QueueSample
+from streaming.monitoring.readings import latest_samples
 from subscriptions.authentication import Caller
 from subscriptions.topics import CATEGORIES, ORDERBOOK_DEPTHS, SYMBOL_PATTERN
 
@@ -127,7 +127,7 @@ class QueueListView(generics.ListAPIView):
     filterset_fields = ["service_name", "event_class", "status"]
 
     def get_queryset(self) -> QuerySet[QueueSample]:
-        return own_samples(self.request, monitor.latest_samples())
+        return own_samples(self.request, latest_samples())
 
 
 class QueueDetailView(APIView):

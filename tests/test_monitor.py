@@ -15,8 +15,11 @@ import redis
 from django.utils import timezone
 from prometheus_client.parser import text_string_to_metric_families
 
-from streaming import monitor, tasks
 from streaming.models import QueueSample
+from streaming.monitoring import tasks
+from streaming.monitoring.alerts import active_alerts, post_webhook, sync_alerts
+from streaming.monitoring.checks import QUEUE_FAMILIES, Alert
+from streaming.monitoring.readings import read_queues
 from streaming.publisher import connect
 from streaming.reconciler import queue_arguments
 from subscriptions.models import Subscription
@@ -288,7 +291,7 @@ def test_subscriptions_without_events_are_flagged_stale(worker, settings, redis_
     }  # fmt: skip
     result = run(tasks.monitor_gateway)
     assert result["events"] == ["subscription.stale:firing"]
-    stored = {a["subject"]: a for a in monitor.active_alerts(client)}
+    stored = {a["subject"]: a for a in active_alerts(client)}
     assert set(stored) == {str(rows["quiet"].id)}
     assert stored[str(rows["quiet"].id)]["details"]["topic"] == "trade.quiet"
     flags = {name: api_client.get(f"/api/v1/subscriptions/{row.id}").json()["stale"] for name, row in rows.items()}
@@ -307,7 +310,7 @@ def test_without_management_api_depth_comes_from_passive_declare(rabbit, channel
     declare(channel)
     publish(channel, 3)
     management_url, settings.RABBITMQ_MANAGEMENT_URL = settings.RABBITMQ_MANAGEMENT_URL, "http://127.0.0.1:9"
-    readings = monitor.read_queues()  # nothing listens on port 9
+    readings = read_queues()  # nothing listens on port 9
     settings.RABBITMQ_MANAGEMENT_URL = management_url  # the vhost clean-up needs it
     assert [(r.queue, r.source, r.ready, r.consumers, r.max_length) for r in readings] == [
         (QUEUE, "declare", 3, 0, queue_arguments("trade")["x-max-length"])
@@ -317,20 +320,20 @@ def test_without_management_api_depth_comes_from_passive_declare(rabbit, channel
 
 def test_alert_escalation_is_one_crossing_and_webhook_failure_is_logged_without_the_url(redis_prefix, settings, caplog):
     client = redis.Redis.from_url(settings.REDIS_URL)
-    warning = monitor.Alert("queue.backlog.warning", QUEUE, "warning", {"depth": 1_500})
-    critical = monitor.Alert("queue.backlog.critical", QUEUE, "critical", {"depth": 12_000})
-    families = monitor.QUEUE_FAMILIES
-    assert [e["alert"] for e in monitor.sync_alerts(client, families, [warning])] == ["queue.backlog.warning"]
-    escalated = monitor.sync_alerts(client, families, [critical])
+    warning = Alert("queue.backlog.warning", QUEUE, "warning", {"depth": 1_500})
+    critical = Alert("queue.backlog.critical", QUEUE, "critical", {"depth": 12_000})
+    families = QUEUE_FAMILIES
+    assert [e["alert"] for e in sync_alerts(client, families, [warning])] == ["queue.backlog.warning"]
+    escalated = sync_alerts(client, families, [critical])
     assert [(e["alert"], e["state"], e["previous"]) for e in escalated] == [
         ("queue.backlog.critical", "firing", "queue.backlog.warning")
     ]
-    assert monitor.sync_alerts(client, ["gateway.status"], []) == []  # other families leave it alone
-    assert [(e["alert"], e["state"]) for e in monitor.sync_alerts(client, families, [])] == [
+    assert sync_alerts(client, ["gateway.status"], []) == []  # other families leave it alone
+    assert [(e["alert"], e["state"]) for e in sync_alerts(client, families, [])] == [
         ("queue.backlog.critical", "resolved")
     ]
 
-    sent = monitor.post_webhook("http://127.0.0.1:9/hook?token=s3cr3t", escalated * 3)
+    sent = post_webhook("http://127.0.0.1:9/hook?token=s3cr3t", escalated * 3)
     assert sent == 0
     assert [(e["undelivered"], e["host"]) for e in logged(caplog, "alert.webhook_failed")] == [(3, "127.0.0.1")]
     assert "s3cr3t" not in caplog.text

@@ -259,20 +259,22 @@ CELERY_TASK_SOFT_TIME_LIMIT = 45
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_TIMEZONE = "UTC"
+# autodiscover_tasks() finds only <app>.tasks; the monitor's tasks sit one package down.
+CELERY_IMPORTS = ["streaming.monitoring.tasks"]
 # Each run expires before the next one is due, so a stalled worker never gets a backlog of checks.
 CELERY_BEAT_SCHEDULE = {
     "monitor-queues": {
-        "task": "streaming.tasks.monitor_queues",
+        "task": "streaming.monitoring.tasks.monitor_queues",
         "schedule": MONITOR_INTERVAL,
         "options": {"expires": MONITOR_INTERVAL * 0.8},
     },
     "monitor-gateway": {
-        "task": "streaming.tasks.monitor_gateway",
+        "task": "streaming.monitoring.tasks.monitor_gateway",
         "schedule": MONITOR_INTERVAL,
         "options": {"expires": MONITOR_INTERVAL * 0.8},
     },
     "prune-queue-samples": {
-        "task": "streaming.tasks.prune_queue_samples",
+        "task": "streaming.monitoring.tasks.prune_queue_samples",
         "schedule": 3600.0,
         "options": {"expires": 1800.0},
     },

@@ -4,7 +4,7 @@ from django.contrib import admin
 from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
-from streaming.metrics import metrics_view
+from streaming.monitoring.metrics import metrics_view
 from wsgateway import health
 
 urlpatterns = [

@@ -1,4 +1,4 @@
-"""Beat tasks: thin wrappers over streaming.monitor (schedule in settings.CELERY_BEAT_SCHEDULE)."""
+"""Beat tasks: thin wrappers over the monitor runs (schedule in settings.CELERY_BEAT_SCHEDULE)."""
 
 from __future__ import annotations
 
@@ -6,22 +6,22 @@ from typing import Any
 
 from celery import shared_task
 
-from streaming import monitor
+from streaming.monitoring import runs
 
 
 @shared_task
 def monitor_queues() -> dict[str, Any]:
     """Sample every gateway queue; raise and clear backlog, retention and slow-consumer alerts."""
-    return monitor.monitor_queues()
+    return runs.monitor_queues()
 
 
 @shared_task
 def monitor_gateway() -> dict[str, Any]:
     """Check the gateway's status record and flag stale subscriptions."""
-    return monitor.monitor_gateway()
+    return runs.monitor_gateway()
 
 
 @shared_task
 def prune_queue_samples() -> int:
     """Delete queue samples older than MONITOR_SAMPLE_RETENTION_HOURS."""
-    return monitor.prune_samples()
+    return runs.prune_samples()

@@ -19,7 +19,8 @@ from django.views.decorators.http import require_GET
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from streaming import monitor
+from streaming.monitoring.alerts import active_alerts
+from streaming.monitoring.readings import latest_samples
 from wsgateway.health import read_gateway_status, redis_client
 
 log = structlog.get_logger(__name__)
@@ -91,7 +92,7 @@ def gateway_metrics(status: dict[str, Any] | None, now: float) -> Iterator[Metri
 def queue_metrics() -> Iterator[Metric]:
     families = {key: GaugeMetricFamily(name, text, labels=QUEUE_LABELS) for key, (name, text) in QUEUE_GAUGES.items()}
     status = GaugeMetricFamily("wsgateway_queue_status", "0 ok, 1 warning, 2 critical", labels=QUEUE_LABELS)
-    for sample in monitor.latest_samples():
+    for sample in latest_samples():
         labels = [sample.queue, sample.service_name, sample.event_class]
         for field, family in families.items():
             value = getattr(sample, field)
@@ -114,7 +115,7 @@ class ScrapeCollector:
         client = redis_client(5.0)
         try:
             status = read_gateway_status(client)
-            active = monitor.active_alerts(client)
+            active = active_alerts(client)
         except redis.RedisError as exc:
             # Still serve the queue figures; wsgateway_gateway_up 0 says the rest is unknown.
             log.warning("metrics.redis_unavailable", error=type(exc).__name__)

@@ -1,0 +1,115 @@
+"""Pure checks: a queue reading or the gateway's status record -> the alerts now true."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from django.conf import settings
+
+from streaming.monitoring.readings import QueueReading
+
+QUEUE_FAMILIES = ("queue.backlog", "queue.retention", "queue.no_consumer", "queue.slow_consumer", "rabbitmq")
+GATEWAY_FAMILIES = ("gateway.status", "gateway.socket", "gateway.circuit", "gateway.publisher")
+LEVELS = ("warning", "critical")
+
+
+@dataclass
+class Alert:
+    name: str  # stable: queue.backlog.critical, gateway.status.stale, ...
+    subject: str  # the queue, socket or subscription it is about
+    severity: str  # warning | critical
+    details: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def family(self) -> str:
+        """The name without its level: warning -> critical of one family is one crossing."""
+        head, _, last = self.name.rpartition(".")
+        return head if last in LEVELS else self.name
+
+    @property
+    def key(self) -> str:
+        return f"{self.family}|{self.subject}"
+
+
+def fill_ratio(reading: QueueReading) -> float | None:
+    ratios = []
+    if reading.max_length:
+        ratios.append(reading.depth / reading.max_length)
+    if reading.max_bytes and reading.bytes is not None:
+        ratios.append(reading.bytes / reading.max_bytes)
+    return max(ratios) if ratios else None
+
+
+def dropped_estimate(reading: QueueReading) -> int | None:
+    """Messages the queue received that were neither delivered nor are still in it: overflow (and TTL)."""
+    if reading.published is None or reading.delivered is None:
+        return None
+    return max(0, reading.published - reading.delivered - reading.ready)
+
+
+def is_slow(reading: QueueReading, earlier_depths: list[int]) -> bool:
+    """Consumers present, and the depth grew at each of the last MONITOR_SLOW_SAMPLES samples."""
+    needed = settings.MONITOR_SLOW_SAMPLES
+    if reading.consumers == 0 or len(earlier_depths) < needed:
+        return False
+    series = [*reversed(earlier_depths[:needed]), reading.depth]  # oldest first
+    return all(later > earlier for earlier, later in itertools.pairwise(series))
+
+
+def queue_alerts(reading: QueueReading, fill: float | None, earlier_depths: list[int]) -> list[Alert]:
+    figures = {
+        "service": reading.service_name,
+        "event_class": reading.event_class,
+        "depth": reading.depth,
+        "consumers": reading.consumers,
+        "fill": None if fill is None else round(fill, 4),
+        "max_length": reading.max_length,
+        "publish_rate": reading.publish_rate,
+        "consume_rate": reading.consume_rate,
+    }
+    alerts = []
+    if reading.depth >= settings.MONITOR_BACKLOG_CRITICAL:
+        alerts.append(Alert("queue.backlog.critical", reading.queue, "critical", figures))
+    elif reading.depth >= settings.MONITOR_BACKLOG_WARNING:
+        alerts.append(Alert("queue.backlog.warning", reading.queue, "warning", figures))
+    if fill is not None and fill >= settings.MONITOR_RETENTION_CRITICAL:
+        alerts.append(Alert("queue.retention.critical", reading.queue, "critical", figures))
+    elif fill is not None and fill >= settings.MONITOR_RETENTION_WARNING:
+        alerts.append(Alert("queue.retention.warning", reading.queue, "warning", figures))
+    if reading.depth > 0 and reading.consumers == 0:
+        alerts.append(Alert("queue.no_consumer", reading.queue, "warning", figures))
+    if is_slow(reading, earlier_depths):
+        alerts.append(Alert("queue.slow_consumer", reading.queue, "warning", figures))
+    return alerts
+
+
+def worst(alerts: Iterable[Alert]) -> str:
+    severities = {a.severity for a in alerts}
+    return "critical" if "critical" in severities else "warning" if "warning" in severities else "ok"
+
+
+def gateway_alerts(status: dict[str, Any] | None, now: float) -> list[Alert]:
+    """What the gateway's status record says is wrong: missing or stale, sockets down, circuit open."""
+    if status is None:
+        return [Alert("gateway.status.stale", "gateway", "critical", {"reason": "no status record"})]
+    age = now - status.get("updated_at", 0)
+    if age > settings.GATEWAY_STATUS_STALE_AFTER:
+        return [Alert("gateway.status.stale", "gateway", "critical", {"age_s": round(age, 1)})]
+    if status.get("state") != "running":
+        return []  # starting or shutting down: only its freshness counts
+    alerts = []
+    for socket in status.get("sockets", []):
+        if socket.get("state") != "connected":
+            details = {k: socket.get(k) for k in ("state", "category", "last_error", "reconnects")}
+            alerts.append(Alert("gateway.socket.down", socket.get("name", "?"), "critical", details))
+    circuit = status.get("circuit") or {}
+    if circuit.get("state") == "open":
+        details = {"next_attempt_at": circuit.get("next_attempt_at")}
+        alerts.append(Alert("gateway.circuit.open", "gateway", "critical", details))
+    publisher = status.get("publisher") or {}
+    if publisher and not publisher.get("connected"):
+        alerts.append(Alert("gateway.publisher.down", "gateway", "critical", {"error": publisher.get("last_error")}))
+    return alerts

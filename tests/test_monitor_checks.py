@@ -1,0 +1,202 @@
+"""The pure monitor checks: a queue reading or the gateway's status record -> the alerts an operator sees."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from streaming.monitoring.checks import dropped_estimate, fill_ratio, gateway_alerts, queue_alerts, worst
+from streaming.monitoring.readings import QueueReading
+
+QUEUE = "ws-gateway.alpha.trade"
+NOW = 1_800_000_000.0
+
+
+@pytest.fixture(autouse=True)
+def thresholds(settings):
+    """The documented defaults, whatever the environment says."""
+    settings.MONITOR_BACKLOG_WARNING = 1_000
+    settings.MONITOR_BACKLOG_CRITICAL = 10_000
+    settings.MONITOR_RETENTION_WARNING = 0.80
+    settings.MONITOR_RETENTION_CRITICAL = 0.95
+    settings.MONITOR_SLOW_SAMPLES = 3
+    settings.GATEWAY_STATUS_STALE_AFTER = 5.0
+
+
+def reading(**figures: Any) -> QueueReading:
+    """A management-API reading of QUEUE with one consumer and a 1,000,000-message limit, unless told otherwise."""
+    return QueueReading(
+        **{
+            "queue": QUEUE,
+            "service_name": "alpha",
+            "event_class": "trade",
+            "source": "management",
+            "ready": 0,
+            "unacked": 0,
+            "consumers": 1,
+            "max_length": 1_000_000,
+            **figures,
+        }
+    )
+
+
+def names(found: list) -> list[str]:
+    return sorted(a.name for a in found)
+
+
+def check(r: QueueReading, earlier_depths: list[int] | None = None) -> list:
+    return queue_alerts(r, fill_ratio(r), earlier_depths or [])
+
+
+@pytest.mark.parametrize(
+    ("ready", "unacked", "expected"),
+    [
+        (999, 0, []),
+        (1_000, 0, ["queue.backlog.warning"]),
+        (600, 400, ["queue.backlog.warning"]),  # unacked messages count towards the backlog
+        (9_999, 0, ["queue.backlog.warning"]),
+        (10_000, 0, ["queue.backlog.critical"]),  # critical replaces warning, never both
+    ],
+)
+def test_backlog_warns_at_1000_and_is_critical_at_10000(ready: int, unacked: int, expected: list[str]) -> None:
+    assert names(check(reading(ready=ready, unacked=unacked))) == expected
+
+
+def test_backlog_alert_names_the_queue_service_and_depth() -> None:
+    (alert,) = check(reading(ready=1_500))
+    assert (alert.subject, alert.severity) == (QUEUE, "warning")
+    assert alert.details["service"] == "alpha" and alert.details["event_class"] == "trade"
+    assert alert.details["depth"] == 1_500 and alert.details["consumers"] == 1
+
+
+@pytest.mark.parametrize(
+    ("ready", "expected"),
+    [
+        (79, []),
+        (80, ["queue.retention.warning"]),
+        (94, ["queue.retention.warning"]),
+        (95, ["queue.retention.critical"]),
+        (100, ["queue.retention.critical"]),
+    ],
+)
+def test_fill_warns_at_80_percent_and_is_critical_at_95(ready: int, expected: list[str]) -> None:
+    found = check(reading(ready=ready, max_length=100))
+    assert names(found) == expected
+    assert all(a.details["fill"] == ready / 100 for a in found)
+
+
+def test_fill_counts_the_byte_limit_when_it_is_the_closer_one() -> None:
+    byte_bound = reading(ready=10, max_length=100, bytes=960, max_bytes=1_000)
+    assert fill_ratio(byte_bound) == 0.96
+    assert names(check(byte_bound)) == ["queue.retention.critical"]
+
+
+def test_a_queue_without_a_limit_has_no_fill_and_no_retention_alert() -> None:
+    unlimited = reading(ready=500, max_length=None)
+    assert fill_ratio(unlimited) is None
+    assert check(unlimited) == []
+
+
+def test_messages_without_a_consumer_warn_but_an_empty_unread_queue_does_not() -> None:
+    assert names(check(reading(ready=1, consumers=0))) == ["queue.no_consumer"]
+    assert check(reading(ready=0, consumers=0)) == []
+
+
+def test_depth_growing_at_each_recent_sample_flags_a_slow_consumer() -> None:
+    found = check(reading(ready=400), earlier_depths=[300, 200, 100])  # newest first
+    assert names(found) == ["queue.slow_consumer"]
+    assert found[0].severity == "warning"
+
+
+@pytest.mark.parametrize(
+    ("earlier_depths", "why"),
+    [
+        ([400, 200, 100], "flat since the last sample"),
+        ([300, 350, 100], "shrank once in between"),
+        ([300, 200], "fewer samples than MONITOR_SLOW_SAMPLES"),
+        ([], "no history yet"),
+    ],
+)
+def test_depth_that_did_not_grow_every_time_is_not_slow(earlier_depths: list[int], why: str) -> None:
+    assert check(reading(ready=400), earlier_depths) == [], why
+
+
+def test_a_growing_queue_with_no_consumer_is_reported_as_unread_not_slow() -> None:
+    assert names(check(reading(ready=400, consumers=0), [300, 200, 100])) == ["queue.no_consumer"]
+
+
+def test_one_reading_can_raise_backlog_retention_and_no_consumer_together() -> None:
+    found = check(reading(ready=12_000, consumers=0, max_length=12_000))
+    assert names(found) == ["queue.backlog.critical", "queue.no_consumer", "queue.retention.critical"]
+    assert worst(found) == "critical"
+
+
+def test_worst_severity_is_the_status_a_sample_shows() -> None:
+    assert worst([]) == "ok"
+    assert worst(check(reading(ready=1, consumers=0))) == "warning"
+    assert worst(check(reading(ready=1_000, consumers=0, max_length=1_000))) == "critical"
+
+
+def test_dropped_estimate_is_what_was_published_and_neither_delivered_nor_kept() -> None:
+    assert dropped_estimate(reading(ready=100, published=127, delivered=0)) == 27
+    assert dropped_estimate(reading(ready=5, published=50, delivered=45)) == 0
+    # A passive declare has no counters: unknown, not zero.
+    assert dropped_estimate(reading(source="declare", ready=100, unacked=None)) is None
+
+
+def status(**fields: Any) -> dict[str, Any]:
+    """A running gateway's status record, written just now, with one connected socket."""
+    socket = {"name": "linear-1", "category": "linear", "state": "connected", "last_error": "", "reconnects": 0}
+    return {
+        "updated_at": NOW - 1,
+        "state": "running",
+        "circuit": {"state": "closed", "next_attempt_at": None},
+        "sockets": [socket],
+        "publisher": {"connected": True, "last_error": ""},
+        **fields,
+    }
+
+
+def test_a_healthy_gateway_raises_nothing() -> None:
+    assert gateway_alerts(status(), NOW) == []
+
+
+def test_a_missing_status_record_is_a_stale_gateway() -> None:
+    (alert,) = gateway_alerts(None, NOW)
+    assert (alert.name, alert.subject, alert.severity) == ("gateway.status.stale", "gateway", "critical")
+    assert alert.details == {"reason": "no status record"}
+
+
+def test_a_status_older_than_the_limit_is_stale_and_hides_everything_else() -> None:
+    old = status(updated_at=NOW - 6.5, sockets=[{"name": "linear-1", "state": "reconnecting"}])
+    (alert,) = gateway_alerts(old, NOW)
+    assert (alert.name, alert.details) == ("gateway.status.stale", {"age_s": 6.5})
+    assert gateway_alerts(status(updated_at=NOW - 5.0), NOW) == []
+
+
+def test_a_socket_that_is_not_connected_is_down_under_its_own_name() -> None:
+    down = {"name": "spot-2", "category": "spot", "state": "reconnecting", "last_error": "EOF", "reconnects": 3}
+    found = gateway_alerts(status(sockets=[status()["sockets"][0], down]), NOW)
+    assert [(a.name, a.subject, a.severity) for a in found] == [("gateway.socket.down", "spot-2", "critical")]
+    assert found[0].details == {"state": "reconnecting", "category": "spot", "last_error": "EOF", "reconnects": 3}
+
+
+def test_open_circuit_and_disconnected_publisher_are_critical() -> None:
+    record = status(
+        circuit={"state": "open", "next_attempt_at": NOW + 30},
+        publisher={"connected": False, "last_error": "ConnectionRefusedError"},
+    )
+    found = gateway_alerts(record, NOW)
+    assert [(a.name, a.severity) for a in found] == [
+        ("gateway.circuit.open", "critical"),
+        ("gateway.publisher.down", "critical"),
+    ]
+    assert found[0].details == {"next_attempt_at": NOW + 30}
+    assert found[1].details == {"error": "ConnectionRefusedError"}
+
+
+@pytest.mark.parametrize("state", ["starting", "standby", "stopping"])
+def test_a_gateway_not_running_yet_or_any_more_is_judged_on_freshness_only(state: str) -> None:
+    record = status(state=state, sockets=[{"name": "linear-1", "state": "connecting"}], publisher={"connected": False})
+    assert gateway_alerts(record, NOW) == []
