@@ -3,7 +3,7 @@
 One `BybitSocket` holds one connection (public per category, or the private one) and keeps
 the topics it is told to want subscribed across reconnects. Frames are handed to the
 gateway's `on_frame` callback one by one; control replies come back here. A shared
-`CircuitBreaker` and `ConnectionBudget` keep all sockets polite to Bybit.
+`CircuitBreaker` and `ConnectionBudget` (streaming.circuit) keep all sockets polite to Bybit.
 """
 
 from __future__ import annotations
@@ -12,10 +12,8 @@ import asyncio
 import hashlib
 import hmac
 import itertools
-import random
 import re
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +22,8 @@ import orjson
 import structlog
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+
+from streaming.circuit import CircuitBreaker, ConnectionBudget, backoff_delay
 
 log = structlog.get_logger(__name__)
 
@@ -62,11 +62,6 @@ def auth_args(api_key: str, api_secret: str, now_ms: int | None = None) -> list[
     return [api_key, expires, signature]
 
 
-def backoff_delay(attempt: int, base: float, cap: float) -> float:
-    """Exponential backoff with full jitter: uniform in [0, min(cap, base * 2**attempt)]."""
-    return random.uniform(0, min(cap, base * 2 ** min(attempt, 30)))
-
-
 def batches(topics: Iterable[str], size: int = ARGS_PER_REQUEST) -> Iterator[list[str]]:
     items = sorted(topics)
     for start in range(0, len(items), size):
@@ -77,91 +72,6 @@ def fits(topics: Iterable[str], extra: str = "") -> bool:
     """True if these topics (plus `extra`) stay within one connection's limits."""
     items = [*topics, *([extra] if extra else [])]
     return len(items) <= TOPICS_PER_CONNECTION and sum(len(t) for t in items) <= ARGS_CHARS_PER_CONNECTION
-
-
-class CircuitBreaker:
-    """Opens after `failures` consecutive connect failures within `window` s; one probe after `cooldown`."""
-
-    def __init__(self, failures: int, window: float, cooldown: float) -> None:
-        self.threshold = failures
-        self.window = window
-        self.cooldown = cooldown
-        self.state = "closed"
-        self.failures: deque[float] = deque()
-        self.opened_until = 0.0
-        self.probing = False
-        self.changed = asyncio.Condition()
-
-    async def acquire(self) -> None:
-        """Wait until a connection attempt is allowed."""
-        async with self.changed:
-            while True:
-                if self.state == "closed":
-                    return
-                if self.state == "open":
-                    remaining = self.opened_until - time.monotonic()
-                    if remaining > 0:
-                        try:
-                            await asyncio.wait_for(self.changed.wait(), remaining)
-                        except TimeoutError:
-                            pass
-                        continue
-                    self.state = "half_open"
-                    log.info("circuit.half_open")
-                if not self.probing:
-                    self.probing = True
-                    return
-                await self.changed.wait()
-
-    async def success(self) -> None:
-        async with self.changed:
-            if self.state != "closed":
-                log.info("circuit.closed")
-            self.state, self.probing = "closed", False
-            self.failures.clear()
-            self.changed.notify_all()
-
-    async def failure(self) -> None:
-        async with self.changed:
-            now = time.monotonic()
-            self.failures.append(now)
-            while self.failures and now - self.failures[0] > self.window:
-                self.failures.popleft()
-            if self.state == "half_open" or len(self.failures) >= self.threshold:
-                self.state, self.probing = "open", False
-                self.opened_until = now + self.cooldown
-                next_attempt = time.time() + self.cooldown
-                log.warning("circuit.open", failures=len(self.failures), next_attempt_at=round(next_attempt, 3))
-            self.changed.notify_all()
-
-    def snapshot(self) -> dict[str, Any]:
-        remaining = max(0.0, self.opened_until - time.monotonic()) if self.state == "open" else 0.0
-        return {
-            "state": self.state,
-            "recent_failures": len(self.failures),
-            "next_attempt_at": round(time.time() + remaining, 3) if self.state == "open" else None,
-        }
-
-
-class ConnectionBudget:
-    """Bybit asks for at most 500 new connections per 5 minutes; wait rather than exceed it."""
-
-    def __init__(self, limit: int = 500, period: float = 300.0) -> None:
-        self.limit = limit
-        self.period = period
-        self.attempts: deque[float] = deque()
-
-    async def acquire(self) -> None:
-        while True:
-            now = time.monotonic()
-            while self.attempts and now - self.attempts[0] > self.period:
-                self.attempts.popleft()
-            if len(self.attempts) < self.limit:
-                self.attempts.append(now)
-                return
-            wait = self.period - (now - self.attempts[0])
-            log.warning("bybit.connection_budget_exhausted", wait=round(wait, 1))
-            await asyncio.sleep(wait)
 
 
 @dataclass(frozen=True, slots=True)

@@ -32,12 +32,10 @@ from streaming.balances import BalanceWriter, rows_from_wallet
 from streaming.bybit import (
     PUBLIC_CATEGORIES,
     BybitSocket,
-    CircuitBreaker,
-    ConnectionBudget,
     SocketConfig,
-    backoff_delay,
     endpoints,
 )
+from streaming.circuit import CircuitBreaker, ConnectionBudget, backoff_delay
 from streaming.envelope import Envelopes, Frame
 from streaming.lock import OwnerLock
 from streaming.lvc import LastValueCache
