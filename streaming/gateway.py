@@ -29,12 +29,7 @@ from psycopg.conninfo import make_conninfo
 
 from streaming import reconciler
 from streaming.balances import BalanceWriter, rows_from_wallet
-from streaming.bybit import (
-    PUBLIC_CATEGORIES,
-    BybitSocket,
-    SocketConfig,
-    endpoints,
-)
+from streaming.bybit import PUBLIC_CATEGORIES, BybitSocket, SocketConfig, endpoints
 from streaming.circuit import CircuitBreaker, ConnectionBudget, backoff_delay
 from streaming.envelope import Envelopes, Frame
 from streaming.lock import OwnerLock

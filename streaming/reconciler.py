@@ -16,7 +16,7 @@ import structlog
 from django.db import close_old_connections
 from django.utils import timezone
 
-from streaming.bybit import fits
+from streaming.protocol import fits
 from streaming.publisher import connect
 from streaming.queues import queue_arguments
 from subscriptions.models import Subscription
