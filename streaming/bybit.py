@@ -1,29 +1,28 @@
-"""Bybit V5 WebSocket connections: endpoints, auth, heartbeat, subscriptions, reconnects.
+"""Bybit V5 WebSocket connections, the I/O half: connect, auth, read, heartbeat, reconnect.
 
 One `BybitSocket` holds one connection (public per category, or the private one) and keeps
-the topics it is told to want subscribed across reconnects. Frames are handed to the
-gateway's `on_frame` callback one by one; control replies come back here. A shared
-`CircuitBreaker` and `ConnectionBudget` keep all sockets polite to Bybit.
+the topics it is told to want subscribed across reconnects. Which requests to send and what
+Bybit's replies mean is `streaming.protocol.Subscriptions`' business; this module only moves
+them over the wire. Frames go to the gateway's `on_frame` callback one by one; control
+replies come back here. A shared `CircuitBreaker` and `ConnectionBudget` (streaming.circuit)
+keep all sockets polite to Bybit.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
 import itertools
-import random
-import re
 import time
-from collections import deque
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-import orjson
 import structlog
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+
+from streaming.circuit import CircuitBreaker, ConnectionBudget, backoff_delay
+from streaming.protocol import Subscriptions, auth_reply, auth_request
 
 log = structlog.get_logger(__name__)
 
@@ -35,14 +34,8 @@ ENDPOINTS = {
     # Demo trading has only private streams; its market data is mainnet's.
     "demo": ("wss://stream.bybit.com/v5/public", "wss://stream-demo.bybit.com/v5/private"),
 }
-ARGS_PER_REQUEST = 10  # spot refuses more; batch at 10 everywhere, resubscribes included
-ARGS_CHARS_PER_CONNECTION = 21_000  # linear/inverse/option limit on one connection's args
-TOPICS_PER_CONNECTION = 200  # our own cap, so one socket never carries the whole market
 YIELD_EVERY = 32  # frames read before the reader lets other tasks run (a power of two)
 RECEIVE_QUEUE = 1024  # frames websockets buffers before it stops reading the socket
-AUTH_EXPIRES_MARGIN_MS = 10_000  # pybit's 1 s fails on clock skew
-ALREADY_SUBSCRIBED = "already subscribed"
-TOPIC_IN_MESSAGE = re.compile(r"topic:([A-Za-z0-9._-]+)")
 
 
 def endpoints(environment: str, ws_url: str = "", simulator: tuple[str, int] = ("127.0.0.1", 8765)) -> tuple[str, str]:
@@ -53,115 +46,6 @@ def endpoints(environment: str, ws_url: str = "", simulator: tuple[str, int] = (
         base = f"ws://{simulator[0]}:{simulator[1]}"
         return f"{base}/v5/public", f"{base}/v5/private"
     return ENDPOINTS[environment]
-
-
-def auth_args(api_key: str, api_secret: str, now_ms: int | None = None) -> list[Any]:
-    """The `args` of Bybit's auth request: key, expires (ms), HMAC-SHA256 of GET/realtime+expires."""
-    expires = (now_ms if now_ms is not None else int(time.time() * 1000)) + AUTH_EXPIRES_MARGIN_MS
-    signature = hmac.new(api_secret.encode(), f"GET/realtime{expires}".encode(), hashlib.sha256).hexdigest()
-    return [api_key, expires, signature]
-
-
-def backoff_delay(attempt: int, base: float, cap: float) -> float:
-    """Exponential backoff with full jitter: uniform in [0, min(cap, base * 2**attempt)]."""
-    return random.uniform(0, min(cap, base * 2 ** min(attempt, 30)))
-
-
-def batches(topics: Iterable[str], size: int = ARGS_PER_REQUEST) -> Iterator[list[str]]:
-    items = sorted(topics)
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
-
-
-def fits(topics: Iterable[str], extra: str = "") -> bool:
-    """True if these topics (plus `extra`) stay within one connection's limits."""
-    items = [*topics, *([extra] if extra else [])]
-    return len(items) <= TOPICS_PER_CONNECTION and sum(len(t) for t in items) <= ARGS_CHARS_PER_CONNECTION
-
-
-class CircuitBreaker:
-    """Opens after `failures` consecutive connect failures within `window` s; one probe after `cooldown`."""
-
-    def __init__(self, failures: int, window: float, cooldown: float) -> None:
-        self.threshold = failures
-        self.window = window
-        self.cooldown = cooldown
-        self.state = "closed"
-        self.failures: deque[float] = deque()
-        self.opened_until = 0.0
-        self.probing = False
-        self.changed = asyncio.Condition()
-
-    async def acquire(self) -> None:
-        """Wait until a connection attempt is allowed."""
-        async with self.changed:
-            while True:
-                if self.state == "closed":
-                    return
-                if self.state == "open":
-                    remaining = self.opened_until - time.monotonic()
-                    if remaining > 0:
-                        try:
-                            await asyncio.wait_for(self.changed.wait(), remaining)
-                        except TimeoutError:
-                            pass
-                        continue
-                    self.state = "half_open"
-                    log.info("circuit.half_open")
-                if not self.probing:
-                    self.probing = True
-                    return
-                await self.changed.wait()
-
-    async def success(self) -> None:
-        async with self.changed:
-            if self.state != "closed":
-                log.info("circuit.closed")
-            self.state, self.probing = "closed", False
-            self.failures.clear()
-            self.changed.notify_all()
-
-    async def failure(self) -> None:
-        async with self.changed:
-            now = time.monotonic()
-            self.failures.append(now)
-            while self.failures and now - self.failures[0] > self.window:
-                self.failures.popleft()
-            if self.state == "half_open" or len(self.failures) >= self.threshold:
-                self.state, self.probing = "open", False
-                self.opened_until = now + self.cooldown
-                next_attempt = time.time() + self.cooldown
-                log.warning("circuit.open", failures=len(self.failures), next_attempt_at=round(next_attempt, 3))
-            self.changed.notify_all()
-
-    def snapshot(self) -> dict[str, Any]:
-        remaining = max(0.0, self.opened_until - time.monotonic()) if self.state == "open" else 0.0
-        return {
-            "state": self.state,
-            "recent_failures": len(self.failures),
-            "next_attempt_at": round(time.time() + remaining, 3) if self.state == "open" else None,
-        }
-
-
-class ConnectionBudget:
-    """Bybit asks for at most 500 new connections per 5 minutes; wait rather than exceed it."""
-
-    def __init__(self, limit: int = 500, period: float = 300.0) -> None:
-        self.limit = limit
-        self.period = period
-        self.attempts: deque[float] = deque()
-
-    async def acquire(self) -> None:
-        while True:
-            now = time.monotonic()
-            while self.attempts and now - self.attempts[0] > self.period:
-                self.attempts.popleft()
-            if len(self.attempts) < self.limit:
-                self.attempts.append(now)
-                return
-            wait = self.period - (now - self.attempts[0])
-            log.warning("bybit.connection_budget_exhausted", wait=round(wait, 1))
-            await asyncio.sleep(wait)
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,6 +66,42 @@ class AuthRejected(Exception):
 
 class DeadSocket(Exception):
     """No frame and no pong within the dead window."""
+
+
+async def dial(url: str, config: SocketConfig) -> ClientConnection:
+    """Open one WebSocket connection with the options every Bybit socket uses."""
+    return await asyncio.wait_for(
+        connect(
+            url,
+            open_timeout=config.connect_timeout,
+            ping_interval=None,  # Bybit's own op=ping heartbeat, in BybitSocket.heartbeat
+            close_timeout=1,
+            max_size=config.max_frame_bytes * 4,
+            # Bounded: while the gateway pauses reads, TCP (not memory) absorbs the backlog.
+            max_queue=RECEIVE_QUEUE,
+            compression=None,
+        ),
+        config.connect_timeout,
+    )
+
+
+async def until_stopped(awaitable: Awaitable[Any], stopping: asyncio.Event) -> bool:
+    """Await `awaitable` unless `stopping` is set first; return False if stopped."""
+    task = asyncio.ensure_future(awaitable)
+    stopper = asyncio.ensure_future(stopping.wait())
+    done, _ = await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    for pending in (task, stopper):
+        if pending not in done:
+            pending.cancel()
+    return task in done and not stopping.is_set()
+
+
+async def pause(stopping: asyncio.Event, seconds: float) -> None:
+    """Sleep `seconds`, or less if `stopping` is set meanwhile."""
+    try:
+        await asyncio.wait_for(stopping.wait(), seconds)
+    except TimeoutError:
+        pass
 
 
 # Called with (socket, topics that Bybit confirmed) and (socket, topic, Bybit's ret_msg).
@@ -220,10 +140,10 @@ class BybitSocket:
         self.on_reject = on_reject
         self.credentials = credentials
         self.backpressure = backpressure
-        self.desired: set[str] = set()
-        self.live: set[str] = set()
-        self.requests: dict[str, tuple[str, list[str]]] = {}  # req_id -> (op, topics)
-        self.req_ids = itertools.count(1)
+        self.subscriptions = Subscriptions()
+        # The core's own sets, never rebound: the gateway's per-frame check reads them without a call.
+        self.desired = self.subscriptions.desired
+        self.live = self.subscriptions.live
         self.kick = asyncio.Event()
         self.stopping = asyncio.Event()
         self.ws: ClientConnection | None = None
@@ -242,7 +162,7 @@ class BybitSocket:
 
     def want(self, topics: set[str]) -> None:
         """Replace the topics this socket should hold; the change is sent at once."""
-        self.desired = set(topics)
+        self.subscriptions.want(topics)
         self.kick.set()
 
     def snapshot(self) -> dict[str, Any]:
@@ -264,24 +184,12 @@ class BybitSocket:
         attempt = 0
         while not self.stopping.is_set():
             self.state = "waiting_circuit" if self.breaker.state != "closed" else "connecting"
-            if not await self.until_stopped(self.breaker.acquire()):
+            if not await until_stopped(self.breaker.acquire(), self.stopping):
                 break
             await self.budget.acquire()
             self.state = "connecting"
             try:
-                ws = await asyncio.wait_for(
-                    connect(
-                        self.url,
-                        open_timeout=self.config.connect_timeout,
-                        ping_interval=None,  # Bybit's own op=ping heartbeat, below
-                        close_timeout=1,
-                        max_size=self.config.max_frame_bytes * 4,
-                        # Bounded: while the gateway pauses reads, TCP (not memory) absorbs the backlog.
-                        max_queue=RECEIVE_QUEUE,
-                        compression=None,
-                    ),
-                    self.config.connect_timeout,
-                )
+                ws = await dial(self.url, self.config)
             except (OSError, TimeoutError, InvalidHandshake, InvalidURI) as exc:
                 self.last_error = f"connect: {type(exc).__name__}: {exc}"[:200]
                 await self.breaker.failure()
@@ -289,7 +197,7 @@ class BybitSocket:
                 attempt += 1
                 log.warning("bybit.connect_failed", socket=self.name, error=self.last_error, retry_in=round(delay, 3))
                 self.mark_down()
-                await self.pause(delay)
+                await pause(self.stopping, delay)
                 continue
             await self.breaker.success()
             connected_at = time.monotonic()
@@ -299,15 +207,14 @@ class BybitSocket:
                 await ws.close()
                 self.mark_down()
                 self.state = "auth_failed"
-                await self.pause(self.config.auth_retry)
+                await pause(self.stopping, self.config.auth_retry)
                 continue
             except (ConnectionClosed, OSError, TimeoutError, DeadSocket) as exc:
                 self.last_error = f"{type(exc).__name__}: {exc}"[:200]
                 log.warning("bybit.disconnected", socket=self.name, error=self.last_error)
             finally:
                 self.ws = None
-                self.live.clear()
-                self.requests.clear()
+                self.subscriptions.disconnect()
             if self.stopping.is_set():
                 break
             self.mark_down()
@@ -316,7 +223,7 @@ class BybitSocket:
             delay = backoff_delay(attempt, self.config.backoff_base, self.config.backoff_cap)
             attempt += 1
             log.info("bybit.reconnecting", socket=self.name, retry_in=round(delay, 3), attempt=attempt)
-            await self.pause(delay)
+            await pause(self.stopping, delay)
         self.state = "stopped"
 
     async def stop(self) -> None:
@@ -324,22 +231,6 @@ class BybitSocket:
         self.stopping.set()
         if self.ws is not None:
             await self.ws.close()
-
-    async def until_stopped(self, awaitable: Any) -> bool:
-        """Await `awaitable` unless stop comes first; return False if stopped."""
-        task = asyncio.ensure_future(awaitable)
-        stopper = asyncio.ensure_future(self.stopping.wait())
-        done, _ = await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
-        for pending in (task, stopper):
-            if pending not in done:
-                pending.cancel()
-        return task in done and not self.stopping.is_set()
-
-    async def pause(self, seconds: float) -> None:
-        try:
-            await asyncio.wait_for(self.stopping.wait(), seconds)
-        except TimeoutError:
-            pass
 
     def mark_down(self) -> None:
         if self.down_since is None:
@@ -385,18 +276,13 @@ class BybitSocket:
 
     async def authenticate(self, ws: ClientConnection) -> None:
         assert self.credentials is not None
-        await ws.send(orjson.dumps({"req_id": "auth", "op": "auth", "args": auth_args(*self.credentials)}).decode())
+        await ws.send(auth_request(*self.credentials, int(time.time() * 1000)))
         deadline = time.monotonic() + self.config.connect_timeout
-        while True:
-            raw = await asyncio.wait_for(ws.recv(), max(0.01, deadline - time.monotonic()))
-            try:
-                reply = orjson.loads(raw)
-            except orjson.JSONDecodeError:
-                continue
-            if isinstance(reply, dict) and reply.get("op") == "auth":
-                break
-        if not reply.get("success"):
-            self.auth_error = str(reply.get("ret_msg") or "auth refused")[:200]
+        reply = None
+        while reply is None:
+            reply = auth_reply(await asyncio.wait_for(ws.recv(), max(0.01, deadline - time.monotonic())))
+        if not reply.accepted:
+            self.auth_error = reply.error
             log.error("bybit.auth_rejected", socket=self.name, ret_msg=self.auth_error, retry_in=self.config.auth_retry)
             self.on_reject(self, "*", f"auth rejected: {self.auth_error}")
             raise AuthRejected(self.auth_error)
@@ -436,76 +322,29 @@ class BybitSocket:
             await asyncio.sleep(min(0.25, interval, dead_after / 4))
 
     async def sync_loop(self, ws: ClientConnection) -> None:
-        """Send the difference between desired and live topics whenever `want()` changes it."""
+        """Send what the core asks for whenever `want()` or a reply may have changed it."""
         while True:
             await self.kick.wait()
             self.kick.clear()
-            pending_sub = {t for op, topics in self.requests.values() if op == "subscribe" for t in topics}
-            pending_unsub = {t for op, topics in self.requests.values() if op == "unsubscribe" for t in topics}
-            for batch in batches(self.desired - self.live - pending_sub):
-                await self.send_request(ws, "subscribe", batch)
-            for batch in batches((self.live - self.desired) - pending_unsub):
-                await self.send_request(ws, "unsubscribe", batch)
-
-    async def send_request(self, ws: ClientConnection, op: str, topics: list[str]) -> None:
-        req_id = f"{op[:3]}-{next(self.req_ids)}"
-        self.requests[req_id] = (op, topics)
-        await ws.send(orjson.dumps({"req_id": req_id, "op": op, "args": topics}).decode())
+            for request in self.subscriptions.sync(time.monotonic()):
+                await ws.send(request.text())
 
     def on_control(self, msg: dict[str, Any]) -> None:
-        """Handle Bybit's replies: pongs need nothing (any frame is life); acks update `live`."""
-        op = msg.get("op")
-        if op not in ("subscribe", "unsubscribe"):
-            return
-        req_id = msg.get("req_id")
-        request = self.requests.pop(req_id, None) if req_id else None
-        if request is None:
-            # The private socket may not echo req_id: replies come in request order.
-            request = next(((k, v) for k, v in self.requests.items() if v[0] == op), None)
-            if request is None:
-                return
-            del self.requests[request[0]]
-            request = request[1]
-        _, topics = request
-        if op == "unsubscribe":
-            self.live.difference_update(topics)
-            self.kick.set()  # a topic still wanted (a resubscribe) is asked for again
-            return
-        if msg.get("success"):
-            self.confirm(topics)
-            return
-        ret_msg = str(msg.get("ret_msg", ""))
-        named = [t for t in TOPIC_IN_MESSAGE.findall(ret_msg) if t in topics]
-        if ALREADY_SUBSCRIBED in ret_msg:
-            # Harmless: the first subscription keeps delivering (bybit-v5-protocol.md §3).
-            self.confirm(named or topics)
-            rest = [t for t in topics if t not in named] if named else []
-        elif named:
-            for topic in named:
-                self.desired.discard(topic)
-                self.on_reject(self, topic, ret_msg)
-            rest = [t for t in topics if t not in named]
-        elif len(topics) == 1:
-            self.desired.discard(topics[0])
-            self.on_reject(self, topics[0], ret_msg)
-            rest = []
-        else:
-            rest = topics
-        # A refusal that does not name every topic: ask for the others one by one.
-        if rest and self.ws is not None:
-            for topic in rest:
-                asyncio.get_running_loop().create_task(self.send_request(self.ws, "subscribe", [topic]))
+        """Handle Bybit's replies: pongs need nothing (any frame is life); the core reads acks."""
+        outcome = self.subscriptions.reply(msg, time.monotonic())
+        if outcome.acked:
+            self.on_ack(self, list(outcome.acked))
+        for topic, message in outcome.rejected:
+            self.on_reject(self, topic, message)
+        if outcome.sync:
+            self.kick.set()
+        if outcome.send and self.ws is not None:
+            for request in outcome.send:
+                asyncio.get_running_loop().create_task(self.ws.send(request.text()))
 
     def resubscribe(self, topic: str) -> None:
         """Unsubscribe and subscribe again, for a fresh snapshot (an order-book gap)."""
-        if self.ws is not None and topic in self.live:
-            asyncio.get_running_loop().create_task(self.send_request(self.ws, "unsubscribe", [topic]))
-
-    def confirm(self, topics: list[str]) -> None:
-        fresh = [t for t in topics if t not in self.live]
-        self.live.update(fresh)
-        wanted = [t for t in fresh if t in self.desired]
-        if wanted:
-            self.on_ack(self, wanted)
-        if len(wanted) < len(fresh):
-            self.kick.set()  # unwanted while the request was in flight: unsubscribe it
+        if self.ws is not None:
+            request = self.subscriptions.repair(topic, time.monotonic())
+            if request is not None:
+                asyncio.get_running_loop().create_task(self.ws.send(request.text()))

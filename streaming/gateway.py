@@ -25,14 +25,8 @@ from django.db import connection
 from psycopg.conninfo import make_conninfo
 
 from streaming.balances import BalanceWriter
-from streaming.bybit import (
-    PUBLIC_CATEGORIES,
-    BybitSocket,
-    CircuitBreaker,
-    ConnectionBudget,
-    SocketConfig,
-    endpoints,
-)
+from streaming.bybit import PUBLIC_CATEGORIES, BybitSocket, SocketConfig, endpoints
+from streaming.circuit import CircuitBreaker, ConnectionBudget
 from streaming.envelope import ControlReply, DataFrame, Envelopes, Malformed
 from streaming.lock import OwnerLock
 from streaming.lvc import LastValueCache

@@ -24,7 +24,8 @@ from django.conf import settings
 from django.db import DatabaseError, close_old_connections
 from django.utils import timezone
 
-from streaming.bybit import backoff_delay, fits
+from streaming.circuit import backoff_delay
+from streaming.protocol import fits
 from streaming.publisher import connect
 from subscriptions.models import Subscription
 from subscriptions.services import (

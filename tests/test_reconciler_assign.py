@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from streaming.bybit import ARGS_CHARS_PER_CONNECTION, TOPICS_PER_CONNECTION
+from streaming.protocol import ARGS_CHARS_PER_CONNECTION, TOPICS_PER_CONNECTION
 from streaming.reconciler import assign
 
 
