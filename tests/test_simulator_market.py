@@ -5,7 +5,7 @@ from __future__ import annotations
 from decimal import Decimal
 
 from streaming.simulator import Simulator
-from streaming.simulator_market import BookGenerator, TickerGenerator
+from streaming.simulator.market import BookGenerator, TickerGenerator
 from tests.simclient import BybitClient, with_simulator
 
 

@@ -8,7 +8,7 @@ from django.conf import settings
 from django.core.management.base import BaseCommand, CommandParser
 
 from streaming.simulator import Simulator
-from streaming.simulator_market import DEFAULT_SYMBOLS, make_universe
+from streaming.simulator.market import DEFAULT_SYMBOLS, make_universe
 
 
 class Command(BaseCommand):
