@@ -7,9 +7,9 @@ opens the connection (handshake, channel, `confirm.select`); then the socket bel
 sends back: acks, nacks, heartbeats, blocked/unblocked, close.
 
 Confirms are pipelined (perf-notes.md: waiting for each ack is 8x slower): up to `window`
-events are in flight, each kept in `unconfirmed` until RabbitMQ acks it. When the connection
-is lost, every unconfirmed event is published again first after reconnecting, so consumers may
-see a duplicate `id` but never a gap (at-least-once).
+events are in flight, each kept by `Confirms` (confirms.py, which also reads the inbound frames)
+until RabbitMQ acks it. When the connection is lost, every unconfirmed event is published again
+first after reconnecting, so consumers may see a duplicate `id` but never a gap (at-least-once).
 """
 
 from __future__ import annotations
@@ -24,6 +24,19 @@ from urllib.parse import unquote, urlsplit
 import amqp
 import structlog
 
+from streaming.confirms import (
+    METHOD_FRAME,
+    NACK_RETRY_DELAY,
+    Ack,
+    Blocked,
+    Close,
+    Confirms,
+    FrameReader,
+    Method,
+    Nack,
+    Unblocked,
+    decode_method,
+)
 from streaming.envelope import Event
 from subscriptions.topics import EXCHANGE
 from wsgateway.logging import LogThrottle
@@ -31,11 +44,9 @@ from wsgateway.logging import LogThrottle
 log = structlog.get_logger(__name__)
 
 BATCH = 512  # events written per publishing pass, before acks get a turn
-NACK_RETRY_DELAY = 1.0  # seconds before a nacked private event is published again
 HEARTBEAT = 30  # AMQP heartbeat, seconds: ours go out every third of it
 PUBLISHER_CONNECTION_NAME = "ws-gateway publisher"
 HEARTBEAT_FRAME = b"\x08\x00\x00\x00\x00\x00\x00\xce"
-FRAME_HEADER = struct.Struct(">BHI")
 
 FRAME_END = b"\xce"
 # Basic.Publish header property flags: content-type, headers, delivery-mode, message-id, timestamp.
@@ -150,7 +161,7 @@ class AmqpProtocol(asyncio.Protocol):
     def __init__(self, publisher: Publisher) -> None:
         self.publisher = publisher
         self.transport: asyncio.Transport | None = None
-        self.buffer = b""
+        self.reader = FrameReader()
         self.paused = False  # TCP write buffer full, or RabbitMQ said connection.blocked
         self.closed: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self.last_received = time.monotonic()
@@ -176,39 +187,26 @@ class AmqpProtocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.last_received = time.monotonic()
-        buffer = self.buffer + data
-        pos, size = 0, len(buffer)
-        while size - pos >= 8:
-            kind, _channel, length = FRAME_HEADER.unpack_from(buffer, pos)
-            end = pos + 7 + length
-            if end >= size:
-                break
-            if buffer[end] != 0xCE:
-                self.lost("malformed frame from RabbitMQ")
-                return
-            if kind == 1:
-                self.on_method(buffer[pos + 7 : end])
-            pos = end + 1
-        self.buffer = buffer[pos:]
+        for frame in self.reader.feed(data):
+            if frame.kind == METHOD_FRAME:
+                self.on_method(decode_method(frame.payload))
+        if self.reader.malformed:
+            self.lost("malformed frame from RabbitMQ")
 
-    def on_method(self, payload: bytes) -> None:
-        class_id, method_id = struct.unpack_from(">HH", payload)
-        if class_id == 60 and method_id in (80, 120):  # basic.ack, basic.nack
-            tag, bits = struct.unpack_from(">QB", payload, 4)
-            if method_id == 80:
-                self.publisher.on_ack(tag, bool(bits & 1))
-            else:
-                self.publisher.on_nack(tag, bool(bits & 1))
-        elif class_id == 10 and method_id == 60:  # connection.blocked: RabbitMQ is short of resources
-            self.paused = True
-            log.warning("publisher.blocked_by_broker")
-        elif class_id == 10 and method_id == 61:  # connection.unblocked
-            self.paused = False
-            self.publisher.kick()
-        elif (class_id, method_id) in ((10, 50), (20, 40)):  # connection.close, channel.close
-            code, length = struct.unpack_from(">HB", payload, 4)
-            text = payload[7 : 7 + length].decode(errors="replace")
-            self.lost(f"closed by RabbitMQ: {code} {text}")
+    def on_method(self, method: Method | None) -> None:
+        match method:
+            case Ack():
+                self.publisher.on_ack(method.delivery_tag, method.multiple)
+            case Nack():
+                self.publisher.on_nack(method.delivery_tag, method.multiple)
+            case Blocked():
+                self.paused = True
+                log.warning("publisher.blocked_by_broker")
+            case Unblocked():
+                self.paused = False
+                self.publisher.kick()
+            case Close():
+                self.lost(f"closed by RabbitMQ: {method.code} {method.text}")
 
 
 class Publisher:
@@ -227,15 +225,7 @@ class Publisher:
         self.window = window
         self.backoff_base = backoff_base
         self.backoff_cap = backoff_cap
-        self.unconfirmed: dict[int, Event] = {}  # delivery tag -> event, in publish order
-        self.retry: deque[Event] = deque()  # published again before anything new
-        self.nacked: deque[tuple[float, Event]] = deque()
-        self.next_tag = 1
-        self.published = 0
-        self.confirmed = 0
-        self.republished = 0
-        self.nacks = 0
-        self.market_nack_drops = 0
+        self.confirms = Confirms(NACK_RETRY_DELAY)
         self.reconnects = 0
         self.last_error = ""
         self.throttle = LogThrottle()
@@ -253,7 +243,27 @@ class Publisher:
 
     @property
     def in_flight(self) -> int:
-        return len(self.unconfirmed) + len(self.retry) + len(self.nacked)
+        return self.confirms.in_flight
+
+    @property
+    def published(self) -> int:
+        return self.confirms.published
+
+    @property
+    def confirmed(self) -> int:
+        return self.confirms.confirmed
+
+    @property
+    def republished(self) -> int:
+        return self.confirms.republished
+
+    @property
+    def nacks(self) -> int:
+        return self.confirms.nacks
+
+    @property
+    def market_nack_drops(self) -> int:
+        return self.confirms.market_nack_drops
 
     def kick(self) -> None:
         """Publish what is waiting, later in this loop tick (once, however many kicks)."""
@@ -303,8 +313,10 @@ class Publisher:
         self.handshake = conn  # kept so its socket object is not closed under us
         self.protocol = protocol
         self.frame_max = conn.frame_max
-        self.next_tag = 1
-        log.info("publisher.reconnected" if self.reconnects else "publisher.connected", republishing=len(self.retry))
+        log.info(
+            "publisher.reconnected" if self.reconnects else "publisher.connected",
+            republishing=len(self.confirms.retry),
+        )
         self.kick()
 
     def handshake_blocking(self) -> amqp.Connection:
@@ -329,9 +341,7 @@ class Publisher:
         """Queue every unconfirmed event for publishing again, oldest first."""
         self.reconnects += 1
         self.last_error = reason[:200]
-        pending = list(self.unconfirmed.values())
-        self.unconfirmed.clear()
-        self.retry.extendleft(reversed(pending))
+        pending = self.confirms.requeue_all()
         self.protocol = None
         log.warning("publisher.connection_lost", error=self.last_error, unconfirmed=len(pending))
 
@@ -341,28 +351,21 @@ class Publisher:
         protocol = self.protocol
         if protocol is None or protocol.paused or protocol.closed.done() or protocol.transport is None:
             return
-        now = time.monotonic()
-        while self.nacked and self.nacked[0][0] <= now:
-            self.retry.append(self.nacked.popleft()[1])
-        exchange = shortstr(EXCHANGE)
-        frames: list[bytes] = []
-        while len(frames) < BATCH and len(self.unconfirmed) < self.window:
-            if self.retry:
-                event = self.retry.popleft()
-                self.republished += 1
-            else:
-                event = self.handoff.take()
-                if event is None:
-                    break
-            frames.append(encode_publish(self.channel_id, exchange, event, self.frame_max))
-            self.unconfirmed[self.next_tag] = event
-            self.next_tag += 1
-        if frames:
-            self.published += len(frames)
+        confirms = self.confirms
+        confirms.take_due(time.monotonic())
+        room = min(BATCH, self.window - len(confirms.unconfirmed))
+        events = confirms.take_retries(room)  # published again before anything new
+        take = self.handoff.take
+        while len(events) < room and (event := take()) is not None:
+            events.append(event)
+        if events:
+            channel_id, exchange, frame_max = self.channel_id, shortstr(EXCHANGE), self.frame_max
+            frames = [encode_publish(channel_id, exchange, event, frame_max) for event in events]
+            confirms.sent(events)
             protocol.transport.write(b"".join(frames))
-            if len(frames) == BATCH:
+            if len(events) == BATCH:
                 self.kick()  # more may wait: let acks and readers in first, then go on
-        if self.nacked and self.nack_timer is None:
+        if confirms.parked and self.nack_timer is None:
             self.nack_timer = asyncio.get_running_loop().call_later(NACK_RETRY_DELAY, self.retry_nacked)
 
     def retry_nacked(self) -> None:
@@ -370,27 +373,20 @@ class Publisher:
         self.kick()
 
     def on_ack(self, delivery_tag: int, multiple: bool) -> None:
-        for tag in self.settled(delivery_tag, multiple):
-            del self.unconfirmed[tag]
-            self.confirmed += 1
+        self.confirms.ack(delivery_tag, multiple)
         self.after_settle()
 
     def on_nack(self, delivery_tag: int, multiple: bool) -> None:
         """RabbitMQ refused: a private queue is full (reject-publish). Keep private events."""
-        retry_at = time.monotonic() + NACK_RETRY_DELAY
-        trace_id = ""
-        for tag in self.settled(delivery_tag, multiple):
-            event = self.unconfirmed.pop(tag)
-            trace_id = event.trace_id
-            self.nacks += 1
-            if event.private:
-                self.nacked.append((retry_at, event))
-            else:
-                self.market_nack_drops += 1
+        refused = self.confirms.nack(delivery_tag, multiple, time.monotonic())
         suppressed = self.throttle.allow("nack")
         if suppressed is not None:
             log.warning(
-                "publisher.nacked", trace_id=trace_id, total=self.nacks, suppressed=suppressed, hint="a queue is full"
+                "publisher.nacked",
+                trace_id=refused[-1].trace_id if refused else "",
+                total=self.confirms.nacks,
+                suppressed=suppressed,
+                hint="a queue is full",
             )
         self.after_settle()
 
@@ -399,18 +395,8 @@ class Publisher:
             self.settled_event.set()
         # Refill once a quarter of the window is free, not on every ack: writing a few frames
         # per ack makes RabbitMQ confirm a few at a time too, and throughput halves.
-        if len(self.unconfirmed) <= self.window - self.window // 4:
+        if len(self.confirms.unconfirmed) <= self.window - self.window // 4:
             self.kick()
-
-    def settled(self, delivery_tag: int, multiple: bool) -> list[int]:
-        if not multiple:
-            return [delivery_tag] if delivery_tag in self.unconfirmed else []
-        tags = []
-        for tag in self.unconfirmed:  # insertion order is tag order
-            if tag > delivery_tag:
-                break
-            tags.append(tag)
-        return tags
 
     async def flush(self, timeout: float) -> bool:
         """Wait until everything handed off is confirmed; False if `timeout` came first."""
