@@ -12,16 +12,12 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
-from collections import defaultdict
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 import redis.asyncio as aioredis
 import structlog
 from django.conf import settings
-from django.db import connection
 from psycopg.conninfo import make_conninfo
 
 from streaming.balances import BalanceWriter
@@ -33,14 +29,12 @@ from streaming.lvc import LastValueCache
 from streaming.marketstate import MarketState
 from streaming.publisher import Handoff, Publisher
 from streaming.reconciler import PRIVATE, NudgeListener, Reconciler
-from streaming.status import StatusWriter, status_record
+from streaming.status import Counters, StatusWriter, status_record
 from wsgateway.logging import LogThrottle
 
 log = structlog.get_logger(__name__)
 
-T = TypeVar("T")
 SHUTDOWN_BUDGET = 9.0  # seconds from SIGTERM to exit, leaving a margin under 10
-SAMPLE_CHARS = 200  # of a malformed frame, in its log line
 MARKET_STATE_CLASSES = frozenset(("orderbook", "ticker", "trade", "balance"))
 OVERSIZED = Malformed("oversized frame")
 NOT_SUBSCRIBED = Malformed("topic not subscribed on this socket")
@@ -131,7 +125,7 @@ def database_conninfo(db: dict[str, Any]) -> str:
 class Gateway:
     def __init__(self, config: GatewayConfig) -> None:
         self.config = config
-        self.handoff = Handoff(config.handoff_size)
+        self.handoff = Handoff(config.handoff_size, config.backpressure_at, config.max_read_pause)
         self.publisher = Publisher(config.rabbitmq_url, self.handoff, window=config.confirm_window)
         self.redis = aioredis.from_url(config.redis_url, socket_timeout=2, socket_connect_timeout=2)
         self.lock = OwnerLock(self.redis, config.lock_key, config.lock_ttl)
@@ -141,12 +135,10 @@ class Gateway:
         self.market = MarketState(self.cache, self.balances)
         self.envelopes = Envelopes(state=self.market if config.orderbooks else None)
         self.reconciler = Reconciler(self, config.reconcile_interval)
-        self.io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gateway-io")
         self.breaker = CircuitBreaker(config.circuit_failures, config.circuit_window, config.circuit_cooldown)
         self.budget = ConnectionBudget()
         self.sockets: dict[str, BybitSocket] = {}
         self.socket_tasks: dict[str, asyncio.Task[None]] = {}
-        self.background: set[asyncio.Task[Any]] = set()
         self.throttle = LogThrottle()
         self.stop_event = asyncio.Event()
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -154,71 +146,36 @@ class Gateway:
         self.state = "starting"
         self.exit_code = 0
         self.started_at = time.time()
-        self.frames_in = 0
-        self.events_out = 0
-        self.malformed = 0
-        self.malformed_by_reason: dict[str, int] = defaultdict(int)
-        self.by_routing_key: dict[str, int] = defaultdict(int)  # for the monitors' overflow estimate
-        self.read_pauses = 0
+        self.counters = Counters()
 
     def on_frame(self, raw: str | bytes, sock: BybitSocket) -> dict[str, Any] | None:
         """Handle one frame; return it when it is a control reply for the socket."""
-        self.frames_in += 1
+        counters = self.counters
+        counters.frames_in += 1
         if len(raw) > self.config.socket.max_frame_bytes:
-            self.count_malformed(OVERSIZED, raw, sock)
+            counters.count_malformed(OVERSIZED, raw, sock.name)
             return None
         frame = self.envelopes.handle(raw, sock.category)
         if type(frame) is not DataFrame:
             if type(frame) is ControlReply:
                 return frame.message
-            self.count_malformed(frame, raw, sock)  # type: ignore[arg-type]
+            counters.count_malformed(frame, raw, sock.name)  # type: ignore[arg-type]
             return None
         if frame.topic not in sock.desired and frame.topic not in sock.live:
-            self.count_malformed(NOT_SUBSCRIBED, raw, sock)
+            counters.count_malformed(NOT_SUBSCRIBED, raw, sock.name)
             return None
-        put, by_key = self.handoff.put, self.by_routing_key
+        put, by_key = self.handoff.put, counters.by_routing_key
         for event in frame.events:
             put(event)
             by_key[event.routing_key] += 1
         self.publisher.kick()
-        self.events_out += len(frame.events)
+        counters.events_out += len(frame.events)
         self.reconciler.seen[(sock.category, frame.topic)] = time.time()
         if frame.event_class in MARKET_STATE_CLASSES and self.market.keep(frame):
             if self.throttle.allow(f"gap:{frame.topic}") is not None:
                 log.warning("orderbook.gap", socket=sock.name, topic=frame.topic, trace_id=frame.events[0].trace_id)
             sock.resubscribe(frame.topic)
         return None
-
-    def count_malformed(self, frame: Malformed, raw: str | bytes, sock: BybitSocket) -> None:
-        self.malformed += 1
-        self.malformed_by_reason[frame.reason] += 1
-        suppressed = self.throttle.allow(f"malformed:{frame.reason}")
-        if suppressed is not None:
-            sample = raw[:SAMPLE_CHARS] if isinstance(raw, str) else repr(raw[:SAMPLE_CHARS])
-            log.warning(
-                "bybit.malformed_frame",
-                socket=sock.name,
-                reason=frame.reason,
-                size=len(raw),
-                sample=sample,
-                suppressed=suppressed,
-            )
-
-    def backlogged(self) -> bool:
-        return len(self.handoff.market) > self.config.backpressure_at
-
-    async def relieve(self) -> None:
-        """Pause reading until the publisher has halved the backlog, for `max_read_pause` s at most.
-
-        While the readers wait, the loop runs the publisher and reads RabbitMQ's acks, and TCP
-        tells the exchange to slow down. Only if the backlog outlasts the pause does the
-        hand-off start dropping the oldest market events.
-        """
-        self.read_pauses += 1
-        deadline = time.monotonic() + self.config.max_read_pause
-        target = self.config.backpressure_at // 2
-        while len(self.handoff.market) > target and time.monotonic() < deadline:
-            await asyncio.sleep(0.002)
 
     def open_socket(self, name: str, category: str) -> BybitSocket:
         private = category == PRIVATE
@@ -234,7 +191,7 @@ class Gateway:
             on_ack=self.reconciler.topics_confirmed,
             on_reject=self.reconciler.topic_rejected,
             credentials=self.config.credentials if private else None,
-            backpressure=(self.backlogged, self.relieve),
+            backpressure=(self.handoff.backlogged, self.handoff.relieve),
         )
         self.sockets[name] = sock
         self.socket_tasks[name] = self.start(sock.run(), f"socket-{name}")
@@ -260,23 +217,6 @@ class Gateway:
         log.error("gateway.task_crashed", task=task.get_name(), exc_info=task.exception())
         self.exit_code = 1
         self.stop_event.set()
-
-    async def in_io(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run blocking database/AMQP work on the single I/O thread."""
-        assert self.loop is not None
-        return await self.loop.run_in_executor(self.io, fn, *args)
-
-    def in_background(self, fn: Callable[..., Any], *args: Any) -> asyncio.Task[Any]:
-        task = asyncio.create_task(self.in_io(fn, *args))
-        self.background.add(task)
-        task.add_done_callback(self.background_done)
-        return task
-
-    def background_done(self, task: asyncio.Task[Any]) -> None:
-        self.background.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            exc = task.exception()
-            log.warning("gateway.background_failed", error=f"{type(exc).__name__}: {exc}"[:200])
 
     def nudge(self) -> None:
         """Thread-safe: ask for a reconciliation now."""
@@ -343,8 +283,7 @@ class Gateway:
         assert self.nudges is not None
         self.nudges.stopping.set()
         await asyncio.to_thread(self.nudges.thread.join, 1.0)
-        if self.background:
-            await asyncio.wait(self.background, timeout=max(0.1, deadline - time.monotonic() - 0.3))
+        await self.reconciler.finish(max(0.1, deadline - time.monotonic() - 0.3))
         self.state = "stopped"
         try:
             await self.status_writer.write(self.status())
@@ -353,9 +292,7 @@ class Gateway:
         except (aioredis.RedisError, OSError):
             pass
         await self.redis.aclose()
-        self.io.submit(self.reconciler.bindings.close)
-        self.io.submit(close_old_connections_now)
-        self.io.shutdown(wait=True)
+        self.reconciler.close()
         if not flushed:
             log.error(
                 "gateway.stopped_with_unconfirmed_events",
@@ -365,11 +302,6 @@ class Gateway:
             return self.exit_code or 1
         log.info("gateway.stopped", published=self.publisher.published, confirmed=self.publisher.confirmed)
         return self.exit_code
-
-
-def close_old_connections_now() -> None:
-    """Close the I/O thread's database connection (Django keeps one per thread)."""
-    connection.close()
 
 
 async def main() -> int:

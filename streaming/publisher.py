@@ -107,11 +107,14 @@ class Handoff:
     health), because a lost order update costs more than memory.
     """
 
-    def __init__(self, market_limit: int) -> None:
+    def __init__(self, market_limit: int, backpressure_at: int | None = None, max_read_pause: float = 0.5) -> None:
         self.market: deque[Event] = deque()
         self.private: deque[Event] = deque()
         self.market_limit = market_limit
+        self.backpressure_at = backpressure_at if backpressure_at is not None else market_limit
+        self.max_read_pause = max_read_pause
         self.dropped = 0
+        self.read_pauses = 0
 
     def put(self, event: Event) -> None:
         if event.private:
@@ -132,6 +135,22 @@ class Handoff:
 
     def __len__(self) -> int:
         return len(self.market) + len(self.private)
+
+    def backlogged(self) -> bool:
+        return len(self.market) > self.backpressure_at
+
+    async def relieve(self) -> None:
+        """Pause a market reader until the publisher has halved the backlog, `max_read_pause` s at most.
+
+        While the readers wait, the loop runs the publisher and reads RabbitMQ's acks, and TCP
+        tells the exchange to slow down. Only if the backlog outlasts the pause does the
+        hand-off start dropping the oldest market events. The private socket never waits here.
+        """
+        self.read_pauses += 1
+        deadline = time.monotonic() + self.max_read_pause
+        target = self.backpressure_at // 2
+        while len(self.market) > target and time.monotonic() < deadline:
+            await asyncio.sleep(0.002)
 
 
 def amqp_params(url: str) -> dict[str, object]:

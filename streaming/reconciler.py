@@ -14,14 +14,15 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import amqp
 import structlog
 from django.conf import settings
-from django.db import DatabaseError, close_old_connections
+from django.db import DatabaseError, close_old_connections, connection
 from django.utils import timezone
 
 from streaming.circuit import backoff_delay
@@ -42,6 +43,7 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger(__name__)
 
+T = TypeVar("T")
 PRIVATE = "private"
 CANCELLED_LOOKBACK = timedelta(days=1)  # bindings of rows cancelled while the gateway was down
 LAST_EVENT_FLUSH_INTERVAL = 10.0  # seconds between `last_event_at` writes
@@ -226,6 +228,8 @@ class Reconciler:
     def __init__(self, gateway: Gateway, interval: float) -> None:
         self.gateway = gateway
         self.interval = interval
+        self.io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gateway-io")
+        self.background: set[asyncio.Task[Any]] = set()
         self.bindings = Bindings(gateway.config.rabbitmq_url)
         self.rejected: dict[tuple[str, str], str] = {}  # (socket category, topic) -> Bybit's ret_msg
         self.seen: dict[tuple[str, str], float] = {}  # (socket category, topic) -> last event time
@@ -236,13 +240,13 @@ class Reconciler:
     async def once(self) -> None:
         """Make the sockets' topics and the queue bindings equal to the live subscriptions."""
         gw = self.gateway
-        rows = await gw.in_io(load_live_rows)
+        rows = await self.in_io(load_live_rows)
         if gw.config.credentials is None and any(r.socket_category == PRIVATE for r in rows):
             message = "private streams need BYBIT_API_KEY and BYBIT_API_SECRET"
-            failed = await gw.in_io(mark_failed, PRIVATE, None, message)
+            failed = await self.in_io(mark_failed, PRIVATE, None, message)
             log.error("gateway.private_without_credentials", failed_subscriptions=failed)
             rows = [r for r in rows if r.socket_category != PRIVATE]
-        await gw.in_io(self.bindings.ensure, rows)
+        await self.in_io(self.bindings.ensure, rows)
 
         wanted: dict[str, set[str]] = defaultdict(set)
         for row in rows:
@@ -266,13 +270,40 @@ class Reconciler:
             if row.status == "pending" and (row.socket_category, row.bybit_topic) in live:
                 pending[row.socket_category].append(row.bybit_topic)
         for category, topics in pending.items():
-            await gw.in_io(mark_active, category, topics)
+            await self.in_io(mark_active, category, topics)
 
         if time.monotonic() - self.last_events_flushed > LAST_EVENT_FLUSH_INTERVAL and self.seen:
             seen = dict(self.seen)
             self.seen.clear()  # the same dict: the per-frame path writes into it
             self.last_events_flushed = time.monotonic()
-            await gw.in_io(record_last_events, seen)
+            await self.in_io(record_last_events, seen)
+
+    async def in_io(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run blocking database/AMQP work on the single I/O thread."""
+        return await asyncio.get_running_loop().run_in_executor(self.io, fn, *args)
+
+    def in_background(self, fn: Callable[..., Any], *args: Any) -> asyncio.Task[Any]:
+        task = asyncio.create_task(self.in_io(fn, *args))
+        self.background.add(task)
+        task.add_done_callback(self.background_done)
+        return task
+
+    def background_done(self, task: asyncio.Task[Any]) -> None:
+        self.background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            exc = task.exception()
+            log.warning("gateway.background_failed", error=f"{type(exc).__name__}: {exc}"[:200])
+
+    async def finish(self, timeout: float) -> None:
+        """Wait (up to `timeout` s) for row writes still running in the background."""
+        if self.background:
+            await asyncio.wait(self.background, timeout=timeout)
+
+    def close(self) -> None:
+        """Close the declarations connection and the I/O thread's database connection, then the thread."""
+        self.io.submit(self.bindings.close)
+        self.io.submit(connection.close)  # Django keeps one connection per thread
+        self.io.shutdown(wait=True)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Reconcile every `interval` seconds, and at once when nudged, until `stop`."""
@@ -291,7 +322,7 @@ class Reconciler:
     def topics_confirmed(self, sock: BybitSocket, topics: list[str]) -> None:
         """Bybit confirmed these topics: their pending rows become active."""
         log.info("bybit.subscribed", socket=sock.name, topics=len(topics), first=topics[0])
-        self.gateway.in_background(mark_active, sock.category, topics)
+        self.in_background(mark_active, sock.category, topics)
 
     def topic_rejected(self, sock: BybitSocket, topic: str, message: str) -> None:
         """Bybit refused a topic (or, with topic "*", the credentials): fail its rows."""
@@ -299,7 +330,7 @@ class Reconciler:
         key = (sock.category, topic)
         self.rejected[key] = message
         topics = None if topic == "*" else [topic]
-        task = self.gateway.in_background(mark_failed, sock.category, topics, message)
+        task = self.in_background(mark_failed, sock.category, topics, message)
         task.add_done_callback(lambda _t: self.rejected.pop(key, None))
 
 

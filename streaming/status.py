@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import defaultdict
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -18,14 +19,45 @@ from streaming.lock import wait_or_timeout
 from wsgateway.logging import LogThrottle
 
 if TYPE_CHECKING:
+    from streaming.envelope import Malformed
     from streaming.gateway import Gateway
 
 log = structlog.get_logger(__name__)
 
+SAMPLE_CHARS = 200  # of a malformed frame, in its log line
+
+
+class Counters:
+    """What went through the per-frame path, for the status record and the monitors."""
+
+    def __init__(self) -> None:
+        self.frames_in = 0
+        self.events_out = 0
+        self.malformed = 0
+        self.malformed_by_reason: dict[str, int] = defaultdict(int)
+        self.by_routing_key: dict[str, int] = defaultdict(int)  # for the monitors' overflow estimate
+        self.throttle = LogThrottle()
+
+    def count_malformed(self, frame: Malformed, raw: str | bytes, socket: str) -> None:
+        """Count a frame that could not be used; log it, at most once per reason in the throttle window."""
+        self.malformed += 1
+        self.malformed_by_reason[frame.reason] += 1
+        suppressed = self.throttle.allow(f"malformed:{frame.reason}")
+        if suppressed is not None:
+            sample = raw[:SAMPLE_CHARS] if isinstance(raw, str) else repr(raw[:SAMPLE_CHARS])
+            log.warning(
+                "bybit.malformed_frame",
+                socket=socket,
+                reason=frame.reason,
+                size=len(raw),
+                sample=sample,
+                suppressed=suppressed,
+            )
+
 
 def status_record(gw: Gateway) -> dict[str, Any]:
     """Everything an operator needs to see about one gateway process, as plain data."""
-    publisher = gw.publisher
+    publisher, counters = gw.publisher, gw.counters
     return {
         "updated_at": time.time(),
         "started_at": gw.started_at,
@@ -39,19 +71,19 @@ def status_record(gw: Gateway) -> dict[str, Any]:
         },
         "nudges_connected": bool(gw.nudges and gw.nudges.connected),
         "counters": {
-            "frames_in": gw.frames_in,
-            "events": gw.events_out,
+            "frames_in": counters.frames_in,
+            "events": counters.events_out,
             "published": publisher.published,
             "confirmed": publisher.confirmed,
             "republished": publisher.republished,
             "nacked": publisher.nacks,
             "dropped": gw.handoff.dropped + publisher.market_nack_drops,
-            "malformed": gw.malformed,
+            "malformed": counters.malformed,
         },
-        "malformed_by_reason": dict(gw.malformed_by_reason),
-        "published_by_routing_key": dict(gw.by_routing_key),
+        "malformed_by_reason": dict(counters.malformed_by_reason),
+        "published_by_routing_key": dict(counters.by_routing_key),
         "handoff_depth": len(gw.handoff),
-        "read_pauses": gw.read_pauses,
+        "read_pauses": gw.handoff.read_pauses,
         "in_flight": publisher.in_flight,
         "rejected_topics": len(gw.reconciler.rejected),
         "books": gw.market.snapshot(),

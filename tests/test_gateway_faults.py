@@ -95,7 +95,7 @@ def test_malformed_frames_are_counted_and_the_stream_goes_on(start_gateway, simu
     kinds = ["invalid_json", "binary", "unknown_topic", "missing_fields", "wrong_types", "oversized"]
     for kind in kinds:
         simulator.call(simulator.sim.send_malformed(kind))
-    wait_for(lambda: runner.gateway.malformed >= len(kinds), message="every malformed frame counted")
+    wait_for(lambda: runner.gateway.counters.malformed >= len(kinds), message="every malformed frame counted")
     reasons = runner.gateway.status()["malformed_by_reason"]
     assert set(reasons) == {
         "invalid JSON", "binary frame", "unknown topic", "missing data", "topic is not a string", "oversized frame"
