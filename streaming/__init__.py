@@ -1,0 +1,1 @@
+"""The data plane: the gateway process, its Bybit simulator and the Celery monitors."""

@@ -1,3 +1,5 @@
+"""Admin views of what the data plane keeps: balances and queue samples, read-only."""
+
 from __future__ import annotations
 
 from django.contrib import admin

@@ -1,3 +1,5 @@
+"""The streaming app's Django config."""
+
 from __future__ import annotations
 
 from django.apps import AppConfig

@@ -1,3 +1,5 @@
+"""Data-plane API routes: market state, balances, queues."""
+
 from __future__ import annotations
 
 from django.urls import path

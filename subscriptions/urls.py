@@ -1,3 +1,5 @@
+"""Control-plane API routes: subscriptions."""
+
 from __future__ import annotations
 
 from rest_framework.routers import SimpleRouter

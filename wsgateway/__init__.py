@@ -1,3 +1,5 @@
+"""The Django project; loads the Celery app with Django."""
+
 from __future__ import annotations
 
 from wsgateway.celery import app as celery_app

@@ -1,3 +1,5 @@
+"""Top-level routes: API, schema and docs, admin, health, metrics."""
+
 from __future__ import annotations
 
 from django.contrib import admin

@@ -1,3 +1,5 @@
+"""`manage.py bybit_simulator`: a thin shell over streaming.simulator.Simulator."""
+
 from __future__ import annotations
 
 import asyncio

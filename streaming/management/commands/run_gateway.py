@@ -1,3 +1,5 @@
+"""`manage.py run_gateway`: a thin shell over streaming.gateway.main."""
+
 from __future__ import annotations
 
 import asyncio

@@ -1,3 +1,5 @@
+"""`manage.py create_api_key`: issue a service's API key and print it once."""
+
 from __future__ import annotations
 
 from typing import Any
