@@ -75,8 +75,8 @@ def order_item(n: int, seq: int, fields: dict[str, Any], previous: dict[str, Any
     qty, price = decimal(item["qty"]), decimal(item["price"])
     if "cumExecQty" not in fields and item["orderStatus"] in ("Filled", "PartiallyFilled"):
         filled = qty if item["orderStatus"] == "Filled" else (qty / 2).quantize(Decimal("0.001"))
-        item.update(cumExecQty=plain(filled), cumExecValue=plain(filled * price), avgPrice=item["price"],
-                    cumExecFee=plain(filled * price * Decimal(TAKER_FEE_RATE)))  # fmt: skip
+        item.update(cumExecQty=item["qty"] if filled == qty else plain(filled), cumExecValue=plain(filled * price),
+                    avgPrice=item["price"], cumExecFee=plain(filled * price * Decimal(TAKER_FEE_RATE)))  # fmt: skip
     done = decimal(item["cumExecQty"])
     open_ = item["orderStatus"] in OPEN_ORDER_STATUSES
     if "leavesQty" not in fields:
