@@ -27,6 +27,7 @@ def run_check(**env: str) -> subprocess.CompletedProcess[str]:
         ("WS_GATEWAY_PORT", "80a", "WS_GATEWAY_PORT='80a' is not an integer"),
         ("DATABASE_URL", "not a url", "DATABASE_URL must be a URL"),
         ("RABBITMQ_URL", "http://h/", "RABBITMQ_URL must be a URL"),
+        ("BYBIT_REST_URL", "ws://h", "BYBIT_REST_URL must be a URL starting with http:// or https://"),
         ("REDIS_URL", "redis://h:port/0", "REDIS_URL is not a valid URL"),
         ("LOG_FORMAT", "xml", "LOG_FORMAT='xml' is not one of json, console"),
         ("DJANGO_DEBUG", "maybe", "DJANGO_DEBUG='maybe' is not a boolean"),

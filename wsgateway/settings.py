@@ -177,6 +177,10 @@ BYBIT_ENVIRONMENT = env_choice("BYBIT_ENVIRONMENT", "simulator", BYBIT_ENVIRONME
 BYBIT_WS_URL = env.str("BYBIT_WS_URL", default="")
 if BYBIT_WS_URL:
     BYBIT_WS_URL = env_url("BYBIT_WS_URL", BYBIT_WS_URL, ("ws", "wss")).rstrip("/")
+# Overrides the REST base URL; empty derives it from BYBIT_ENVIRONMENT (streaming.bybitrest.base_url).
+BYBIT_REST_URL = env.str("BYBIT_REST_URL", default="")
+if BYBIT_REST_URL:
+    BYBIT_REST_URL = env_url("BYBIT_REST_URL", BYBIT_REST_URL, ("http", "https")).rstrip("/")
 BYBIT_API_KEY = env.str("BYBIT_API_KEY", default="")
 BYBIT_API_SECRET = env.str("BYBIT_API_SECRET", default="")
 if bool(BYBIT_API_KEY) != bool(BYBIT_API_SECRET):

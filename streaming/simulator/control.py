@@ -8,16 +8,21 @@ The API listens on its own port, one request per connection, JSON in and out:
     POST /control/faults/delay_pongs {"seconds": 1}   POST /control/faults/malformed {"kind": "invalid_json"}
     POST /control/faults/gap {"category": "linear", "topic": "orderbook.50.BTCUSDT"}
     POST /control/faults/restart_book {...same...}    GET /control/stats
+    POST /control/faults/rest {"mode": "error", "count": 2, "seconds": 0}
+    POST /control/rest/limits {"limits": {"/v5/execution/list": 2}, "window": 1.0}
+    GET /control/ledger?topic=order&after=0
+
+The same port serves Bybit's REST endpoints for private state under /v5/ (`rest.py`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
 import time
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qsl
 
 import orjson
 from websockets.datastructures import Headers
@@ -35,7 +40,6 @@ class Control:
 
     def __init__(self, simulator: Simulator) -> None:
         self.simulator = simulator
-        self.private_events = itertools.count(1)
         self.listener: asyncio.Server | None = None
         self.routes: dict[str, Handler] = {
             "/control/orders": lambda b: self.emit("order", **b),
@@ -52,6 +56,8 @@ class Control:
             ),
             "/control/faults/gap": lambda b: self.gap(b["category"], b["topic"]),
             "/control/faults/restart_book": lambda b: self.restart_book(b["category"], b["topic"]),
+            "/control/faults/rest": lambda b: self.rest_fault(b["mode"], int(b.get("count", 1)), b.get("seconds", 0)),
+            "/control/rest/limits": lambda b: self.rest_limits(b.get("limits"), b.get("window")),
         }
 
     @property
@@ -68,12 +74,29 @@ class Control:
     # Private events.
 
     async def emit(self, topic: str, **fields: Any) -> dict[str, Any]:
-        """Send one private event to every authed client subscribed to `topic` (or its category form)."""
-        n = next(self.private_events)
-        item = private.PRIVATE_ITEMS[topic](n, dict(fields))
-        message = {"id": f"sim-{n}", "topic": topic, "creationTime": market.now_ms(), "data": [item]}
-        self.simulator.feed.send_private(message, item.get("category"))
+        """Keep one private event (store and ledger), then send it to the authed clients subscribed to its topic."""
+        message = self.simulator.private.emit(topic, fields)
+        self.simulator.feed.send_private(message, message["data"][0].get("category"))
         return message
+
+    def ledger(self, topic: str | None = None, after: int = 0) -> list[private.LedgerEntry]:
+        """Every private item emitted after number `after`, of one topic if given, in the order emitted."""
+        return [e for e in self.simulator.private.ledger if e["n"] > after and (topic is None or e["topic"] == topic)]
+
+    def stats(self) -> dict[str, Any]:
+        """Connections and their topics; messages sent, subscribes, private events and REST answers counted."""
+        sim = self.simulator
+        return {
+            "connections": [
+                {"category": c.category, "topics": sorted(c.topics), "authed": c.authed} for c in sim.clients
+            ],
+            "sent": {f"{cat}:{topic}": n for (cat, topic), n in sorted(sim.sent.items())},
+            "subscribes": {f"{cat}:{topic}": n for (cat, topic), n in sorted(sim.subscribes.items())},
+            "requests": len(sim.requests),
+            "refused": sim.refused,
+            "private": len(sim.private.ledger),
+            "rest": {f"{path}:{code}": n for (path, code), n in sorted(sim.rest.answered.items())},
+        }
 
     # Faults.
 
@@ -133,37 +156,67 @@ class Control:
         assert isinstance(generator, market.BookGenerator)
         generator.restart_next = True
 
+    async def rest_fault(self, mode: str, count: int = 1, seconds: float = 0.0) -> None:
+        """The next `count` REST requests fail: retCode 10016 (`error`), HTTP 502 (`http_5xx`), or `stall` s late."""
+        self.simulator.rest.fail(mode, count, float(seconds))
+
+    async def rest_limits(self, limits: dict[str, int] | None = None, window: float | None = None) -> dict[str, Any]:
+        """Set REST requests allowed per `window` s per endpoint (Bybit: 50 per 1 s); counts start afresh."""
+        return self.simulator.rest.set_limits(limits, None if window is None else float(window))
+
     # The HTTP API: minimal HTTP/1.1, one request per connection.
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        status, body = HTTPStatus.OK, b"{}"
         try:
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
-            method, path, _ = head.split(b"\r\n", 1)[0].decode().split(" ", 2)
-            headers = Headers()
-            for line in head.decode().split("\r\n")[1:]:
-                if ":" in line:
-                    name, value = line.split(":", 1)
-                    headers[name.strip()] = value.strip()
-            length = int(headers.get("Content-Length", "0"))
-            raw = await asyncio.wait_for(reader.readexactly(length), 5) if length else b""
-            path = path.split("?")[0]
+            method, target, headers, raw = await read_request(reader)
+        except (ValueError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError):
+            writer.close()
+            return
+        path, _, query = target.partition("?")
+        if path.startswith("/v5/"):
+            status, extra, body = await self.simulator.rest.handle(method, path, query, headers)
+        else:
+            status, body = await self.control_request(method, path, query, raw)
+            extra = {"Content-Type": "application/json"}
+        head = "".join(f"{name}: {value}\r\n" for name, value in extra.items())
+        writer.write(
+            f"HTTP/1.1 {status.value} {status.phrase}\r\n{head}"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+            + body
+        )
+        try:
+            await writer.drain()
+        except ConnectionError:
+            pass  # the client gave up (a stalled REST answer outlived its timeout)
+        writer.close()
+
+    async def control_request(self, method: str, path: str, query: str, raw: bytes) -> tuple[HTTPStatus, bytes]:
+        status = HTTPStatus.OK
+        try:
+            params = dict(parse_qsl(query))
             if method == "GET" and path == "/control/stats":
                 result: Any = self.simulator.stats()
+            elif method == "GET" and path == "/control/ledger":
+                result = self.ledger(params.get("topic"), int(params.get("after", 0)))
             elif method == "POST" and path in self.routes:
                 result = await self.routes[path](orjson.loads(raw) if raw.strip() else {})
             else:
                 status, result = HTTPStatus.NOT_FOUND, {"error": f"no route {method} {path}"}
-            body = orjson.dumps({"result": result} if status == HTTPStatus.OK else result)
+            return status, orjson.dumps({"result": result} if status == HTTPStatus.OK else result)
         except (ValueError, KeyError, TypeError, orjson.JSONDecodeError) as exc:
-            status, body = HTTPStatus.BAD_REQUEST, orjson.dumps({"error": f"{type(exc).__name__}: {exc}"})
-        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError):
-            writer.close()
-            return
-        writer.write(
-            f"HTTP/1.1 {status.value} {status.phrase}\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
-            + body
-        )
-        await writer.drain()
-        writer.close()
+            return HTTPStatus.BAD_REQUEST, orjson.dumps({"error": f"{type(exc).__name__}: {exc}"})
+
+
+async def read_request(reader: asyncio.StreamReader) -> tuple[str, str, Headers, bytes]:
+    """(method, target, headers, body) of one HTTP/1.1 request; raises ValueError on a malformed head."""
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    lines = head.decode("latin-1").split("\r\n")
+    method, target, _ = lines[0].split(" ", 2)
+    headers = Headers()
+    for line in lines[1:]:
+        if ":" in line:
+            name, value = line.split(":", 1)
+            headers[name.strip()] = value.strip()
+    length = int(headers.get("Content-Length", "0"))
+    raw = await asyncio.wait_for(reader.readexactly(length), 5) if length else b""
+    return method, target, headers, raw

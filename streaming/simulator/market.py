@@ -235,7 +235,11 @@ class TradeGenerator(Generator):
 
 
 class TickerGenerator(Generator):
-    """Linear/inverse: a snapshot, then deltas of the changed fields. Spot: snapshots."""
+    """Linear/inverse: a snapshot, then deltas of the changed fields. Spot and option: snapshots.
+
+    Fields per category as Bybit's ticker page lists them: only contracts carry `bid1Price`/`ask1Price`;
+    spot carries `usdIndexPrice`; options name their best bid/ask `bidPrice`/`askPrice` with IVs and greeks.
+    """
 
     def __init__(self, category: str, topic: str, seed: int) -> None:
         super().__init__(category, topic, seed)
@@ -249,26 +253,27 @@ class TickerGenerator(Generator):
             "lastPrice": price_fmt(last),
             "highPrice24h": price_fmt(last * 1.02),
             "lowPrice24h": price_fmt(last * 0.98),
-            "prevPrice24h": price_fmt(last * 0.99),
             "volume24h": f"{self.rng.randrange(1, 10**6)}.000",
             "turnover24h": f"{self.rng.randrange(1, 10**9)}.00",
-            "price24hPcnt": "0.0101",
-            "bid1Price": price_fmt(last - TICK),
-            "bid1Size": "1.000",
-            "ask1Price": price_fmt(last + TICK),
-            "ask1Size": "1.000",
         }
-        if self.category in ("linear", "inverse"):
+        if self.category == "spot":
+            fields.update(prevPrice24h=price_fmt(last * 0.99), price24hPcnt="0.0101", usdIndexPrice=price_fmt(last))
+        elif self.category == "option":
             fields.update(
-                tickDirection="PlusTick",
-                prevPrice1h=price_fmt(last),
-                markPrice=price_fmt(last),
-                indexPrice=price_fmt(last),
-                openInterest="1000",
-                openInterestValue=price_fmt(last * 1000),
-                nextFundingTime=str(now_ms() + 3_600_000),
-                fundingRate="0.0001",
-            )
+                bidPrice=price_fmt(last - TICK), bidSize="1.000", bidIv="0.5", askPrice=price_fmt(last + TICK),
+                askSize="1.000", askIv="0.52", markPrice=price_fmt(last), indexPrice=price_fmt(last),
+                markPriceIv="0.51", underlyingPrice=price_fmt(last), openInterest="100", totalVolume="1000",
+                totalTurnover=price_fmt(last * 1000), delta="0.5", gamma="0.0001", vega="10", theta="-5",
+                predictedDeliveryPrice="0", change24h="0.0101",
+            )  # fmt: skip
+        else:
+            fields.update(
+                prevPrice24h=price_fmt(last * 0.99), price24hPcnt="0.0101", bid1Price=price_fmt(last - TICK),
+                bid1Size="1.000", ask1Price=price_fmt(last + TICK), ask1Size="1.000", tickDirection="PlusTick",
+                prevPrice1h=price_fmt(last), markPrice=price_fmt(last), indexPrice=price_fmt(last),
+                openInterest="1000", openInterestValue=price_fmt(last * 1000),
+                nextFundingTime=str(now_ms() + 3_600_000), fundingRate="0.0001",
+            )  # fmt: skip
         return fields
 
     def snapshot(self) -> dict[str, Any] | None:

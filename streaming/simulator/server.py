@@ -26,6 +26,8 @@ from websockets.protocol import State
 
 from streaming.simulator import market
 from streaming.simulator.control import Control
+from streaming.simulator.private import PrivateState
+from streaming.simulator.rest import Rest
 
 log = structlog.get_logger(__name__)
 
@@ -276,6 +278,9 @@ class Simulator:
         self.refused = 0  # connection attempts answered 503 while refusing
         self.server: Server | None = None
         self.control = Control(self)
+        self.private = PrivateState()  # every private event emitted, listened to or not
+        self.ledger = self.private.ledger
+        self.rest = Rest(self)  # Bybit's REST endpoints for private state, served on the control port
 
     @property
     def sent(self) -> Counter[tuple[str, str]]:
@@ -300,6 +305,10 @@ class Simulator:
     @property
     def url(self) -> str:
         return f"ws://{self.host}:{self.port}"
+
+    @property
+    def rest_url(self) -> str:
+        return f"http://{self.host}:{self.control_port}"
 
     async def start(self) -> None:
         self.server = await serve(
@@ -444,15 +453,7 @@ class Simulator:
         return {"success": True, "ret_msg": "" if client.category == "private" else "unsubscribe"}
 
     def stats(self) -> dict[str, Any]:
-        return {
-            "connections": [
-                {"category": c.category, "topics": sorted(c.topics), "authed": c.authed} for c in self.clients
-            ],
-            "sent": {f"{cat}:{topic}": n for (cat, topic), n in sorted(self.sent.items())},
-            "subscribes": {f"{cat}:{topic}": n for (cat, topic), n in sorted(self.subscribes.items())},
-            "requests": len(self.requests),
-            "refused": self.refused,
-        }
+        return self.control.stats()
 
     # The control surface, callable on the simulator as tests and scripts use it.
 

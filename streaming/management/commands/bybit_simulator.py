@@ -14,7 +14,10 @@ from streaming.simulator.market import DEFAULT_SYMBOLS, make_universe
 
 
 class Command(BaseCommand):
-    help = "Run the local Bybit V5 simulator (WebSocket on --port, control HTTP API on --control-port)."
+    help = (
+        "Run the local Bybit V5 simulator (WebSocket on --port; control HTTP API and Bybit's private-state "
+        "REST endpoints on --control-port)."
+    )
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--host", default=settings.SIMULATOR_HOST)
