@@ -291,7 +291,8 @@ class BybitSocket:
 
     async def read(self, ws: ClientConnection) -> None:
         on_frame = self.on_frame
-        backlogged, relieve = self.backpressure or (lambda: False, None)
+        # None for the private socket: it never waits for market data to drain.
+        backlogged, relieve = self.backpressure or (None, None)
         count = 0
         while True:
             raw = await ws.recv()  # returns without yielding while frames are buffered
@@ -299,7 +300,7 @@ class BybitSocket:
             control = on_frame(raw, self)
             if control is not None:
                 self.on_control(control)
-            if backlogged():
+            if backlogged is not None and backlogged():
                 await relieve()  # type: ignore[misc]
             count += 1
             if count & (YIELD_EVERY - 1) == 0:

@@ -191,7 +191,8 @@ class Gateway:
             on_ack=self.reconciler.topics_confirmed,
             on_reject=self.reconciler.topic_rejected,
             credentials=self.config.credentials if private else None,
-            backpressure=(self.handoff.backlogged, self.handoff.relieve),
+            # Market backlog pauses market reads only: private events are never held up by it.
+            backpressure=None if private else (self.handoff.backlogged, self.handoff.relieve),
         )
         self.sockets[name] = sock
         self.socket_tasks[name] = self.start(sock.run(), f"socket-{name}")

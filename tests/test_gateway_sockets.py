@@ -1,0 +1,67 @@
+"""Each Bybit socket keeps going on its own: the private one is never paused for market data."""
+
+from __future__ import annotations
+
+import time
+from urllib.parse import quote, urlsplit
+
+import pytest
+
+from subscriptions.models import Subscription
+from subscriptions.services import subscription_create
+from tests.conftest import QueueReader, close_publisher_connections, management_api, wait_for
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def status_of(subscription: Subscription) -> str:
+    subscription.refresh_from_db()
+    return subscription.status
+
+
+def socket_status(runner, category: str) -> dict:
+    (sock,) = [s for s in runner.gateway.status()["sockets"] if s["category"] == category]
+    return sock
+
+
+def set_connection_limit(rabbit: str, limit: int | None) -> None:
+    """Refuse (0) or allow (None) new AMQP connections to the test vhost; open ones stay."""
+    path = f"/vhost-limits/{quote(urlsplit(rabbit).path[1:], safe='')}/max-connections"
+    if limit is None:
+        management_api(path, "DELETE").raise_for_status()
+    else:
+        management_api(path, "PUT", json={"value": limit}).raise_for_status()
+
+
+def test_private_socket_keeps_reading_while_the_market_hand_off_is_backlogged(
+    start_gateway, gateway_settings, simulator, rabbit
+) -> None:
+    gateway_settings.GATEWAY_BACKPRESSURE_AT = 5
+    gateway_settings.GATEWAY_MAX_READ_PAUSE = 30.0
+    gateway_settings.GATEWAY_HANDOFF_SIZE = 100_000
+    gateway_settings.GATEWAY_DEAD_AFTER = 10.0  # a paused reader is not declared dead during the test
+    runner = start_gateway()
+    book, _ = subscription_create(service_name="alpha", channel="orderbook", category="linear", symbol="BTCUSDT",
+                                  depth=1)  # fmt: skip
+    order, _ = subscription_create(service_name="alpha", channel="order")
+    wait_for(lambda: status_of(book) == "active" and status_of(order) == "active", message="both active")
+    reader = QueueReader(rabbit, "ws-gateway.alpha.order")
+    set_connection_limit(rabbit, 0)
+    try:
+        # RabbitMQ refuses the publisher's reconnect: market events pile up in the hand-off.
+        wait_for(lambda: close_publisher_connections(rabbit) > 0, message="the publisher connection closed")
+        wait_for(lambda: runner.gateway.handoff.backlogged(), message="the market hand-off backlogged")
+        backlogged_at = time.time()
+        wait_for(lambda: socket_status(runner, "private")["last_frame_at"] > backlogged_at,
+                 message="a private frame (a pong) read during the backlog")  # fmt: skip
+        sent = simulator.call(simulator.sim.emit_order(symbol="SOLUSDT"))
+        emitted_at = time.time()
+        wait_for(lambda: socket_status(runner, "private")["last_frame_at"] > emitted_at + 1.0, timeout=3,
+                 message="the private socket still reading a second into the backlog")  # fmt: skip
+        assert runner.gateway.handoff.backlogged()  # the market backlog was there all along
+    finally:
+        set_connection_limit(rabbit, None)
+    reader.wait(lambda m: len(m) == 1, timeout=15, message="the order once RabbitMQ takes connections again")
+    assert reader.messages[0]["data"] == sent["data"][0]
+    assert socket_status(runner, "private")["reconnects"] == 0
+    reader.close()
