@@ -4,8 +4,9 @@ One `BybitSocket` holds one connection (public per category, or the private one)
 the topics it is told to want subscribed across reconnects. Which requests to send and what
 Bybit's replies mean is `streaming.protocol.Subscriptions`' business; this module only moves
 them over the wire. Frames go to the gateway's `on_frame` callback one by one; control
-replies come back here. A shared `CircuitBreaker` and `ConnectionBudget` (streaming.circuit)
-keep all sockets polite to Bybit.
+replies come back here. The endpoint's own `CircuitBreaker` and the `ConnectionBudget` all
+sockets share (streaming.circuit) keep them polite to Bybit, without one failing endpoint
+holding up the others.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import itertools
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 from websockets.asyncio.client import ClientConnection, connect
@@ -25,6 +26,8 @@ from streaming.circuit import CircuitBreaker, ConnectionBudget, backoff_delay
 from streaming.protocol import Subscriptions, auth_reply, auth_request
 
 log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
 
 PUBLIC_CATEGORIES = ("spot", "linear", "inverse", "option")
 ENDPOINTS = {
@@ -68,6 +71,9 @@ class DeadSocket(Exception):
     """No frame and no pong within the dead window."""
 
 
+CONNECT_ERRORS = (OSError, TimeoutError, InvalidHandshake, InvalidURI)
+
+
 async def dial(url: str, config: SocketConfig) -> ClientConnection:
     """Open one WebSocket connection with the options every Bybit socket uses."""
     return await asyncio.wait_for(
@@ -85,15 +91,20 @@ async def dial(url: str, config: SocketConfig) -> ClientConnection:
     )
 
 
-async def until_stopped(awaitable: Awaitable[Any], stopping: asyncio.Event) -> bool:
-    """Await `awaitable` unless `stopping` is set first; return False if stopped."""
+async def until_stopped(awaitable: Awaitable[T], stopping: asyncio.Event) -> T | None:
+    """Await `awaitable` unless `stopping` is set first (it is then cancelled); None if stopped.
+
+    When both happen in one tick the result wins: the caller gets it and checks `stopping`.
+    """
     task = asyncio.ensure_future(awaitable)
     stopper = asyncio.ensure_future(stopping.wait())
-    done, _ = await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
-    for pending in (task, stopper):
-        if pending not in done:
-            pending.cancel()
-    return task in done and not stopping.is_set()
+    try:
+        done, _ = await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopper.cancel()
+        if not task.done():
+            task.cancel()
+    return task.result() if task in done else None
 
 
 async def pause(stopping: asyncio.Event, seconds: float) -> None:
@@ -184,22 +195,21 @@ class BybitSocket:
         attempt = 0
         while not self.stopping.is_set():
             self.state = "waiting_circuit" if self.breaker.state != "closed" else "connecting"
-            if not await until_stopped(self.breaker.acquire(), self.stopping):
-                break
-            await self.budget.acquire()
-            self.state = "connecting"
             try:
-                ws = await dial(self.url, self.config)
-            except (OSError, TimeoutError, InvalidHandshake, InvalidURI) as exc:
+                ws = await until_stopped(self.connect(), self.stopping)
+            except CONNECT_ERRORS as exc:
                 self.last_error = f"connect: {type(exc).__name__}: {exc}"[:200]
-                await self.breaker.failure()
                 delay = backoff_delay(attempt, self.config.backoff_base, self.config.backoff_cap)
                 attempt += 1
                 log.warning("bybit.connect_failed", socket=self.name, error=self.last_error, retry_in=round(delay, 3))
                 self.mark_down()
                 await pause(self.stopping, delay)
                 continue
-            await self.breaker.success()
+            if ws is None:
+                break
+            if self.stopping.is_set():
+                await ws.close()
+                break
             connected_at = time.monotonic()
             try:
                 await self.session(ws)
@@ -226,6 +236,23 @@ class BybitSocket:
             await pause(self.stopping, delay)
         self.state = "stopped"
 
+    async def connect(self) -> ClientConnection:
+        """One attempt through the endpoint's breaker and the shared budget; the breaker hears how it went."""
+        async with self.breaker.attempt():
+            await self.budget.acquire()
+            self.state = "connecting"
+            try:
+                ws = await dial(self.url, self.config)
+            except CONNECT_ERRORS:
+                await self.breaker.failure()
+                raise
+            try:
+                await self.breaker.success()
+            except asyncio.CancelledError:
+                ws.transport.abort()  # stopped in the same breath: nobody else would close it
+                raise
+            return ws
+
     async def stop(self) -> None:
         """Stop reading and close the connection cleanly."""
         self.stopping.set()
@@ -233,6 +260,7 @@ class BybitSocket:
             await self.ws.close()
 
     def mark_down(self) -> None:
+        self.state = "reconnecting"
         if self.down_since is None:
             self.down_since = time.time()
             self.reconnects += 1

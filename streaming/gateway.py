@@ -135,7 +135,7 @@ class Gateway:
         self.market = MarketState(self.cache, self.balances)
         self.envelopes = Envelopes(state=self.market if config.orderbooks else None)
         self.reconciler = Reconciler(self, config.reconcile_interval)
-        self.breaker = CircuitBreaker(config.circuit_failures, config.circuit_window, config.circuit_cooldown)
+        self.breakers: dict[str, CircuitBreaker] = {}  # by endpoint URL
         self.budget = ConnectionBudget()
         self.sockets: dict[str, BybitSocket] = {}
         self.socket_tasks: dict[str, asyncio.Task[None]] = {}
@@ -185,7 +185,7 @@ class Gateway:
             url,
             category,
             self.config.socket,
-            self.breaker,
+            self.breaker_for(url),
             self.budget,
             on_frame=self.on_frame,
             on_ack=self.reconciler.topics_confirmed,
@@ -198,6 +198,13 @@ class Gateway:
         self.socket_tasks[name] = self.start(sock.run(), f"socket-{name}")
         log.info("gateway.socket_opened", socket=name, url=url)
         return sock
+
+    def breaker_for(self, url: str) -> CircuitBreaker:
+        """The endpoint's own breaker: failures of one path never delay connections to another."""
+        if url not in self.breakers:
+            c = self.config
+            self.breakers[url] = CircuitBreaker(c.circuit_failures, c.circuit_window, c.circuit_cooldown, url)
+        return self.breakers[url]
 
     async def close_socket(self, name: str) -> None:
         sock = self.sockets.pop(name)

@@ -68,10 +68,12 @@ def test_refused_connections_open_the_circuit_then_recover(start_gateway, gatewa
     subscribe_two()
     simulator.call(simulator.sim.refuse(2.0))
     simulator.call(simulator.sim.drop_connections())
-    wait_for(lambda: runner.gateway.breaker.state == "open", message="the circuit to open")
+    wait_for(lambda: runner.gateway.status()["circuit"]["state"] == "open", message="the circuit to open")
     status = runner.gateway.status()["circuit"]
     assert status["state"] == "open" and status["next_attempt_at"] is not None
-    wait_for(lambda: runner.gateway.breaker.state == "closed" and socket_status(runner)["state"] == "connected",
+    assert status["endpoint"] == f"{simulator.url}/v5/public/linear"
+    wait_for(lambda: runner.gateway.status()["circuit"]["state"] == "closed"
+             and socket_status(runner)["state"] == "connected",
              timeout=10, message="recovery after the exchange accepts again")  # fmt: skip
     # Backoff and the open circuit kept attempts few: no tight reconnect loop.
     assert simulator.stats()["refused"] <= 10

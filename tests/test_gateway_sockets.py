@@ -1,4 +1,4 @@
-"""Each Bybit socket keeps going on its own: the private one is never paused for market data."""
+"""Each Bybit socket keeps going on its own: never paused for market data, never held up by another endpoint."""
 
 from __future__ import annotations
 
@@ -64,4 +64,32 @@ def test_private_socket_keeps_reading_while_the_market_hand_off_is_backlogged(
     reader.wait(lambda m: len(m) == 1, timeout=15, message="the order once RabbitMQ takes connections again")
     assert reader.messages[0]["data"] == sent["data"][0]
     assert socket_status(runner, "private")["reconnects"] == 0
+    reader.close()
+
+
+def test_a_refused_public_endpoint_does_not_hold_up_the_private_socket(
+    start_gateway, gateway_settings, simulator, rabbit
+) -> None:
+    gateway_settings.GATEWAY_CIRCUIT_FAILURES = 2
+    gateway_settings.GATEWAY_CIRCUIT_COOLDOWN = 30.0
+    runner = start_gateway()
+    trades, _ = subscription_create(service_name="alpha", channel="trades", category="linear", symbol="BTCUSDT")
+    order, _ = subscription_create(service_name="alpha", channel="order")
+    wait_for(lambda: status_of(trades) == "active" and status_of(order) == "active", message="both active")
+    linear_url = f"{simulator.url}/v5/public/linear"
+    simulator.call(simulator.sim.refuse(60, "/v5/public/linear"))
+    simulator.call(simulator.sim.drop_connections())
+    wait_for(lambda: runner.gateway.status()["circuit"]["state"] == "open", message="the linear circuit open")
+    wait_for(lambda: socket_status(runner, "private")["state"] == "connected", message="the private socket back")
+    dropped_at = time.time()
+    assert simulator.call(simulator.sim.drop_connections()) == 1  # only the private socket is connected
+    wait_for(lambda: (socket_status(runner, "private")["last_outage"] or {}).get("from", 0) >= dropped_at,
+             timeout=3, message="the private socket reconnected within its own backoff")  # fmt: skip
+    circuits = runner.gateway.status()["circuits"]
+    assert circuits[linear_url]["state"] == "open"
+    assert circuits[f"{simulator.url}/v5/private"]["state"] == "closed"
+    reader = QueueReader(rabbit, "ws-gateway.alpha.order")
+    sent = simulator.call(simulator.sim.emit_order(symbol="ETHUSDT"))
+    reader.wait(lambda m: len(m) == 1, message="the order while the linear endpoint is refused")
+    assert reader.messages[0]["data"] == sent["data"][0]
     reader.close()

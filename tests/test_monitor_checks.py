@@ -200,3 +200,19 @@ def test_open_circuit_and_disconnected_publisher_are_critical() -> None:
 def test_a_gateway_not_running_yet_or_any_more_is_judged_on_freshness_only(state: str) -> None:
     record = status(state=state, sockets=[{"name": "linear-1", "state": "connecting"}], publisher={"connected": False})
     assert gateway_alerts(record, NOW) == []
+
+
+def test_each_open_endpoint_circuit_is_its_own_alert() -> None:
+    linear, spot = "wss://stream.bybit.com/v5/public/linear", "wss://stream.bybit.com/v5/public/spot"
+    record = status(
+        circuit={"state": "open", "next_attempt_at": NOW + 30, "endpoint": linear},
+        circuits={
+            linear: {"state": "open", "next_attempt_at": NOW + 30},
+            spot: {"state": "half_open", "next_attempt_at": None},
+            "wss://stream.bybit.com/v5/private": {"state": "closed", "next_attempt_at": None},
+        },
+    )
+    found = gateway_alerts(record, NOW)
+    assert [(a.name, a.subject, a.details) for a in found] == [
+        ("gateway.circuit.open", linear, {"next_attempt_at": NOW + 30})
+    ]

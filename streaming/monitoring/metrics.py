@@ -74,9 +74,15 @@ def gateway_metrics(status: dict[str, Any] | None, now: float) -> Iterator[Metri
         family = GaugeMetricFamily(name, help_text)
         family.add_metric([], status.get(key, 0))
         yield family
-    circuit = GaugeMetricFamily("wsgateway_gateway_circuit_open", "1 while the Bybit circuit breaker is open")
+    circuit = GaugeMetricFamily("wsgateway_gateway_circuit_open", "1 while a Bybit circuit breaker is open")
     circuit.add_metric([], 1 if (status.get("circuit") or {}).get("state") == "open" else 0)
     yield circuit
+    endpoints = GaugeMetricFamily(
+        "wsgateway_gateway_endpoint_circuit_open", "1 while the endpoint's circuit breaker is open", labels=["endpoint"]
+    )
+    for endpoint, state in (status.get("circuits") or {}).items():
+        endpoints.add_metric([endpoint], 1 if state.get("state") == "open" else 0)
+    yield endpoints
     connected = GaugeMetricFamily(
         "wsgateway_gateway_socket_connected", "1 while a Bybit socket is connected", labels=["socket", "category"]
     )
