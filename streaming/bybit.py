@@ -23,7 +23,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
 from streaming.circuit import CircuitBreaker, ConnectionBudget, backoff_delay
-from streaming.protocol import Subscriptions, auth_reply, auth_request
+from streaming.protocol import AuthReply, Subscriptions, auth_reply, auth_request
 
 log = structlog.get_logger(__name__)
 
@@ -59,7 +59,7 @@ class SocketConfig:
     backoff_base: float
     backoff_cap: float
     healthy_after: float
-    auth_retry: float  # seconds before retrying auth after Bybit rejected the credentials
+    auth_retry_cap: float  # longest wait between auth attempts while Bybit refuses the credentials
     max_frame_bytes: int
 
 
@@ -107,6 +107,16 @@ async def until_stopped(awaitable: Awaitable[T], stopping: asyncio.Event) -> T |
     return task.result() if task in done else None
 
 
+async def exchange_auth(ws: ClientConnection, credentials: tuple[str, str], timeout: float) -> AuthReply:
+    """Send Bybit's auth request and return its answer; frames before the answer are skipped."""
+    await ws.send(auth_request(*credentials, int(time.time() * 1000)))
+    deadline = time.monotonic() + timeout
+    reply = None
+    while reply is None:
+        reply = auth_reply(await asyncio.wait_for(ws.recv(), max(0.01, deadline - time.monotonic())))
+    return reply
+
+
 async def pause(stopping: asyncio.Event, seconds: float) -> None:
     """Sleep `seconds`, or less if `stopping` is set meanwhile."""
     try:
@@ -121,6 +131,58 @@ RejectCallback = Callable[["BybitSocket", str, str], None]
 FrameCallback = Callable[[str | bytes, "BybitSocket"], "dict[str, Any] | None"]
 # Awaited after a frame when the gateway's hand-off is nearly full: reads pause, the publisher runs.
 Backpressure = tuple[Callable[[], bool], Callable[[], Awaitable[None]]]
+
+
+@dataclass
+class SocketHealth:
+    """What an operator sees of one socket besides its state: outages, the last error, auth refusals."""
+
+    reconnects: int = 0
+    last_frame_at: float | None = None  # time.time() of the last frame
+    down_since: float | None = None
+    last_outage: dict[str, float] | None = None
+    last_error: str = ""
+    auth_error: str = ""  # Bybit's ret_msg while it refuses the credentials, else ""
+    auth_failures: int = 0  # refusals since the process started
+    auth_refused_in_a_row: int = 0
+    auth_failing_since: float | None = None  # time.time() of the first refusal in a row
+
+    def down(self, now: float) -> None:
+        """The connection is gone (or never came): an outage starts, unless one is running."""
+        if self.down_since is None:
+            self.down_since = now
+            self.reconnects += 1
+
+    def up(self, now: float) -> float | None:
+        """Connected: end the outage and return its length in seconds; None on the first connect."""
+        if self.down_since is None:
+            return None
+        self.last_outage = {"from": self.down_since, "to": now, "seconds": round(now - self.down_since, 3)}
+        self.down_since = None
+        return self.last_outage["seconds"]
+
+    def auth_refused(self, error: str, now: float) -> None:
+        self.auth_error = error
+        self.auth_failures += 1
+        self.auth_refused_in_a_row += 1
+        self.auth_failing_since = self.auth_failing_since or now
+
+    def auth_accepted(self) -> int:
+        """Credentials accepted: clear the refusal; return how many refusals in a row it ends."""
+        ended = self.auth_refused_in_a_row
+        self.auth_error, self.auth_refused_in_a_row, self.auth_failing_since = "", 0, None
+        return ended
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "last_frame_at": self.last_frame_at,
+            "reconnects": self.reconnects,
+            "last_outage": self.last_outage,
+            "last_error": self.last_error,
+            "auth_error": self.auth_error,
+            "auth_failures": self.auth_failures,
+            "auth_failing_since": self.auth_failing_since,
+        }
 
 
 class BybitSocket:
@@ -159,17 +221,8 @@ class BybitSocket:
         self.stopping = asyncio.Event()
         self.ws: ClientConnection | None = None
         self.state = "idle"
-        self.reconnects = 0
-        self.last_frame_at: float | None = None  # time.time() of the last frame
         self.last_frame_mono = 0.0
-        self.down_since: float | None = None
-        self.last_outage: dict[str, float] | None = None
-        self.last_error = ""
-        self.auth_error = ""
-
-    @property
-    def is_private(self) -> bool:
-        return self.category == "private"
+        self.health = SocketHealth()
 
     def want(self, topics: set[str]) -> None:
         """Replace the topics this socket should hold; the change is sent at once."""
@@ -183,11 +236,7 @@ class BybitSocket:
             "state": self.state,
             "topics": len(self.live),
             "wanted": len(self.desired),
-            "last_frame_at": self.last_frame_at,
-            "reconnects": self.reconnects,
-            "last_outage": self.last_outage,
-            "last_error": self.last_error,
-            "auth_error": self.auth_error,
+            **self.health.snapshot(),
         }
 
     async def run(self) -> None:
@@ -198,10 +247,10 @@ class BybitSocket:
             try:
                 ws = await until_stopped(self.connect(), self.stopping)
             except CONNECT_ERRORS as exc:
-                self.last_error = f"connect: {type(exc).__name__}: {exc}"[:200]
+                error = self.health.last_error = f"connect: {type(exc).__name__}: {exc}"[:200]
                 delay = backoff_delay(attempt, self.config.backoff_base, self.config.backoff_cap)
                 attempt += 1
-                log.warning("bybit.connect_failed", socket=self.name, error=self.last_error, retry_in=round(delay, 3))
+                log.warning("bybit.connect_failed", socket=self.name, error=error, retry_in=round(delay, 3))
                 self.mark_down()
                 await pause(self.stopping, delay)
                 continue
@@ -217,11 +266,15 @@ class BybitSocket:
                 await ws.close()
                 self.mark_down()
                 self.state = "auth_failed"
-                await pause(self.stopping, self.config.auth_retry)
+                refused = self.health.auth_refused_in_a_row
+                delay = backoff_delay(refused - 1, self.config.backoff_base, self.config.auth_retry_cap)
+                log.error("bybit.auth_rejected", socket=self.name, ret_msg=self.health.auth_error,
+                          refused_in_a_row=refused, retry_in=round(delay, 3))  # fmt: skip
+                await pause(self.stopping, delay)
                 continue
             except (ConnectionClosed, OSError, TimeoutError, DeadSocket) as exc:
-                self.last_error = f"{type(exc).__name__}: {exc}"[:200]
-                log.warning("bybit.disconnected", socket=self.name, error=self.last_error)
+                error = self.health.last_error = f"{type(exc).__name__}: {exc}"[:200]
+                log.warning("bybit.disconnected", socket=self.name, error=error)
             finally:
                 self.ws = None
                 self.subscriptions.disconnect()
@@ -261,26 +314,19 @@ class BybitSocket:
 
     def mark_down(self) -> None:
         self.state = "reconnecting"
-        if self.down_since is None:
-            self.down_since = time.time()
-            self.reconnects += 1
+        self.health.down(time.time())
 
     async def session(self, ws: ClientConnection) -> None:
         """One connected lifetime: auth, subscribe everything wanted, read until it ends."""
         self.ws = ws
         self.last_frame_mono = time.monotonic()
-        if self.is_private:
+        if self.credentials is not None:  # the private socket
             self.state = "authenticating"
-            await self.authenticate(ws)
+            await self.authenticate(ws, self.credentials)
         self.state = "connected"
-        if self.down_since is not None:
-            self.last_outage = {
-                "from": self.down_since,
-                "to": time.time(),
-                "seconds": round(time.time() - self.down_since, 3),
-            }
-            log.info("bybit.reconnected", socket=self.name, outage_seconds=self.last_outage["seconds"])
-            self.down_since = None
+        outage = self.health.up(time.time())
+        if outage is not None:
+            log.info("bybit.reconnected", socket=self.name, outage_seconds=outage)
         else:
             log.info("bybit.connected", socket=self.name, url=self.url)
         self.kick.set()
@@ -302,20 +348,15 @@ class BybitSocket:
         if self.stopping.is_set():
             await ws.close()
 
-    async def authenticate(self, ws: ClientConnection) -> None:
-        assert self.credentials is not None
-        await ws.send(auth_request(*self.credentials, int(time.time() * 1000)))
-        deadline = time.monotonic() + self.config.connect_timeout
-        reply = None
-        while reply is None:
-            reply = auth_reply(await asyncio.wait_for(ws.recv(), max(0.01, deadline - time.monotonic())))
+    async def authenticate(self, ws: ClientConnection, credentials: tuple[str, str]) -> None:
+        reply = await exchange_auth(ws, credentials, self.config.connect_timeout)
         if not reply.accepted:
-            self.auth_error = reply.error
-            log.error("bybit.auth_rejected", socket=self.name, ret_msg=self.auth_error, retry_in=self.config.auth_retry)
-            self.on_reject(self, "*", f"auth rejected: {self.auth_error}")
-            raise AuthRejected(self.auth_error)
-        self.auth_error = ""
-        log.info("bybit.authenticated", socket=self.name)
+            # The subscriptions stay live: a refusal can pass (Bybit's own trouble, clock skew,
+            # a key not yet active). The socket tries again with backoff, and /health and the
+            # `gateway.private_auth_failed` alert say that private events are not arriving.
+            self.health.auth_refused(reply.error, time.time())
+            raise AuthRejected(reply.error)
+        log.info("bybit.authenticated", socket=self.name, after_refusals=self.health.auth_accepted())
 
     async def read(self, ws: ClientConnection) -> None:
         on_frame = self.on_frame
@@ -340,7 +381,7 @@ class BybitSocket:
         next_ping = time.monotonic() + interval
         while True:
             now = time.monotonic()
-            self.last_frame_at = time.time() - (now - self.last_frame_mono)
+            self.health.last_frame_at = time.time() - (now - self.last_frame_mono)
             if now - self.last_frame_mono > dead_after:
                 log.warning("bybit.socket_dead", socket=self.name, silent_for=round(now - self.last_frame_mono, 2))
                 ws.transport.abort()

@@ -83,7 +83,7 @@ class GatewayConfig:
                 backoff_base=s.GATEWAY_BACKOFF_BASE,
                 backoff_cap=s.GATEWAY_BACKOFF_CAP,
                 healthy_after=s.GATEWAY_HEALTHY_AFTER,
-                auth_retry=s.GATEWAY_CIRCUIT_COOLDOWN,
+                auth_retry_cap=s.GATEWAY_AUTH_RETRY_CAP,
                 max_frame_bytes=s.GATEWAY_MAX_FRAME_BYTES,
             ),
             circuit_failures=s.GATEWAY_CIRCUIT_FAILURES,

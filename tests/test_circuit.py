@@ -111,7 +111,7 @@ def test_a_late_release_never_frees_a_later_probe() -> None:
 
 
 SOCKET_CONFIG = SocketConfig(ping_interval=1, dead_after=3, connect_timeout=5, backoff_base=0.05, backoff_cap=0.5,
-                             healthy_after=1, auth_retry=1, max_frame_bytes=2**20)  # fmt: skip
+                             healthy_after=1, auth_retry_cap=1, max_frame_bytes=2**20)  # fmt: skip
 
 
 def test_a_socket_stopped_in_the_tick_it_gets_the_probe_gives_the_probe_back() -> None:

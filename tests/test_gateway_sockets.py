@@ -1,4 +1,4 @@
-"""Each Bybit socket keeps going on its own: never paused for market data, never held up by another endpoint."""
+"""Each Bybit socket recovers on its own: refused auth, a market backlog, a failing endpoint."""
 
 from __future__ import annotations
 
@@ -22,6 +22,34 @@ def status_of(subscription: Subscription) -> str:
 def socket_status(runner, category: str) -> dict:
     (sock,) = [s for s in runner.gateway.status()["sockets"] if s["category"] == category]
     return sock
+
+
+def auths(simulator) -> list[dict]:
+    return [r for r in simulator.requests if r.get("op") == "auth"]
+
+
+def test_refused_auth_keeps_private_rows_live_and_retries_until_accepted(
+    start_gateway, gateway_settings, simulator, rabbit
+) -> None:
+    gateway_settings.GATEWAY_AUTH_RETRY_CAP = 0.3
+    simulator.call(simulator.sim.reject_auth(True))
+    runner = start_gateway()
+    order, _ = subscription_create(service_name="alpha", channel="order")
+    wait_for(lambda: len(auths(simulator)) >= 3, message="auth tried again with backoff")
+    assert status_of(order) == "pending"  # still wanted: not failed for good
+    sock = socket_status(runner, "private")
+    assert sock["auth_error"] == "API key is invalid."
+    assert sock["auth_failures"] >= 3 and sock["auth_failing_since"] <= time.time()
+
+    simulator.call(simulator.sim.reject_auth(False))
+    wait_for(lambda: status_of(order) == "active", message="the row active once Bybit accepts the key")
+    sock = socket_status(runner, "private")
+    assert (sock["auth_error"], sock["auth_failing_since"]) == ("", None)
+    reader = QueueReader(rabbit, "ws-gateway.alpha.order")
+    sent = simulator.call(simulator.sim.emit_order(symbol="ETHUSDT"))
+    reader.wait(lambda m: len(m) == 1, message="the order emitted after the recovery")
+    assert reader.messages[0]["data"] == sent["data"][0]
+    reader.close()
 
 
 def set_connection_limit(rabbit: str, limit: int | None) -> None:

@@ -88,11 +88,16 @@ def gateway_metrics(status: dict[str, Any] | None, now: float) -> Iterator[Metri
     )
     topics = GaugeMetricFamily("wsgateway_gateway_socket_topics", "Topics live on a socket", labels=["socket"])
     reconnects = CounterMetricFamily("wsgateway_gateway_socket_reconnects", "Reconnects of a socket", labels=["socket"])
+    auth_failures = CounterMetricFamily(
+        "wsgateway_gateway_socket_auth_failures", "Auth requests Bybit refused on a socket", labels=["socket"]
+    )
     for socket in status.get("sockets", []):
         connected.add_metric([socket["name"], socket.get("category") or ""], 1 if socket["state"] == "connected" else 0)
         topics.add_metric([socket["name"]], socket.get("topics", 0))
         reconnects.add_metric([socket["name"]], socket.get("reconnects", 0))
-    yield from (connected, topics, reconnects)
+        if socket.get("category") == "private":
+            auth_failures.add_metric([socket["name"]], socket.get("auth_failures", 0))
+    yield from (connected, topics, reconnects, auth_failures)
 
 
 def queue_metrics() -> Iterator[Metric]:
