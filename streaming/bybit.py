@@ -23,7 +23,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
 from streaming.circuit import CircuitBreaker, ConnectionBudget, backoff_delay
-from streaming.protocol import AuthReply, Subscriptions, auth_reply, auth_request
+from streaming.protocol import AuthReply, Request, Subscriptions, auth_reply, auth_request
 
 log = structlog.get_logger(__name__)
 
@@ -61,6 +61,7 @@ class SocketConfig:
     healthy_after: float
     auth_retry_cap: float  # longest wait between auth attempts while Bybit refuses the credentials
     max_frame_bytes: int
+    reply_timeout: float = 10.0  # seconds a subscribe/unsubscribe waits for its reply before it is sent again
 
 
 class AuthRejected(Exception):
@@ -69,6 +70,10 @@ class AuthRejected(Exception):
 
 class DeadSocket(Exception):
     """No frame and no pong within the dead window."""
+
+
+class Unanswered(Exception):
+    """Requests went unanswered however often they were sent: the connection is not serving us."""
 
 
 CONNECT_ERRORS = (OSError, TimeoutError, InvalidHandshake, InvalidURI)
@@ -131,6 +136,12 @@ RejectCallback = Callable[["BybitSocket", str, str], None]
 FrameCallback = Callable[[str | bytes, "BybitSocket"], "dict[str, Any] | None"]
 # Awaited after a frame when the gateway's hand-off is nearly full: reads pause, the publisher runs.
 Backpressure = tuple[Callable[[], bool], Callable[[], Awaitable[None]]]
+
+
+def describe(request: Request) -> dict[str, Any]:
+    """A request's fields for a log line."""
+    first = request.topics[0] if request.topics else None
+    return {"op": request.op, "req_id": request.req_id, "topics": len(request.topics), "first": first}
 
 
 @dataclass
@@ -213,7 +224,7 @@ class BybitSocket:
         self.on_reject = on_reject
         self.credentials = credentials
         self.backpressure = backpressure
-        self.subscriptions = Subscriptions()
+        self.subscriptions = Subscriptions(deadline=config.reply_timeout)
         # The core's own sets, never rebound: the gateway's per-frame check reads them without a call.
         self.desired = self.subscriptions.desired
         self.live = self.subscriptions.live
@@ -272,7 +283,8 @@ class BybitSocket:
                           refused_in_a_row=refused, retry_in=round(delay, 3))  # fmt: skip
                 await pause(self.stopping, delay)
                 continue
-            except (ConnectionClosed, OSError, TimeoutError, DeadSocket) as exc:
+            except (ConnectionClosed, OSError, TimeoutError, DeadSocket, Unanswered) as exc:
+                ws.transport.abort()  # a peer that stopped answering gets no closing handshake
                 error = self.health.last_error = f"{type(exc).__name__}: {exc}"[:200]
                 log.warning("bybit.disconnected", socket=self.name, error=error)
             finally:
@@ -389,7 +401,19 @@ class BybitSocket:
             if now >= next_ping:
                 await ws.send(f'{{"req_id":"ping-{next(counter)}","op":"ping"}}')
                 next_ping = now + interval
+            await self.chase_replies(ws, now)
             await asyncio.sleep(min(0.25, interval, dead_after / 4))
+
+    async def chase_replies(self, ws: ClientConnection, now: float) -> None:
+        """Send overdue subscribe/unsubscribe requests again; give the connection up when they stay unanswered."""
+        overdue = self.subscriptions.overdue(now)
+        if overdue.give_up:
+            first = overdue.give_up[0]
+            log.warning("bybit.requests_unanswered", socket=self.name, requests=len(overdue.give_up), **describe(first))
+            raise Unanswered(f"no reply to {first.op} {first.req_id} after {first.resends + 1} sends")
+        for request in overdue.resend:
+            log.warning("bybit.request_resent", socket=self.name, resends=request.resends, **describe(request))
+            await ws.send(request.text())
 
     async def sync_loop(self, ws: ClientConnection) -> None:
         """Send what the core asks for whenever `want()` or a reply may have changed it."""

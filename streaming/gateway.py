@@ -85,6 +85,7 @@ class GatewayConfig:
                 healthy_after=s.GATEWAY_HEALTHY_AFTER,
                 auth_retry_cap=s.GATEWAY_AUTH_RETRY_CAP,
                 max_frame_bytes=s.GATEWAY_MAX_FRAME_BYTES,
+                reply_timeout=s.GATEWAY_REPLY_TIMEOUT,
             ),
             circuit_failures=s.GATEWAY_CIRCUIT_FAILURES,
             circuit_window=s.GATEWAY_CIRCUIT_WINDOW,

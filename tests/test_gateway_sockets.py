@@ -1,4 +1,4 @@
-"""Each Bybit socket recovers on its own: refused auth, a market backlog, a failing endpoint."""
+"""Each Bybit socket recovers on its own: refused auth, a market backlog, a failing endpoint, unanswered requests."""
 
 from __future__ import annotations
 
@@ -121,3 +121,18 @@ def test_a_refused_public_endpoint_does_not_hold_up_the_private_socket(
     reader.wait(lambda m: len(m) == 1, message="the order while the linear endpoint is refused")
     assert reader.messages[0]["data"] == sent["data"][0]
     reader.close()
+
+
+def test_an_unanswered_subscribe_is_sent_again_and_goes_live_without_a_restart(
+    start_gateway, gateway_settings, simulator
+) -> None:
+    gateway_settings.GATEWAY_REPLY_TIMEOUT = 0.2
+    runner = start_gateway()
+    simulator.call(simulator.sim.control.ignore_requests(2.0))
+    trades, _ = subscription_create(service_name="alpha", channel="trades", category="linear", symbol="BTCUSDT")
+    wait_for(lambda: status_of(trades) == "active", timeout=8, message="the row active after the fault")
+    sent = [r for r in simulator.requests if r.get("op") == "subscribe" and r["category"] == "linear"]
+    assert len(sent) >= 3  # sent again while unanswered
+    # Still unanswered after the retries: the socket was given up and replaced, and says why.
+    sock = socket_status(runner, "linear")
+    assert sock["reconnects"] >= 1 and "no reply" in sock["last_error"]

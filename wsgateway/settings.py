@@ -199,6 +199,8 @@ GATEWAY_CIRCUIT_WINDOW = env_float("GATEWAY_CIRCUIT_WINDOW", 60.0, 0.1)
 GATEWAY_CIRCUIT_COOLDOWN = env_float("GATEWAY_CIRCUIT_COOLDOWN", 60.0, 0.01)
 # Longest wait between auth attempts while Bybit refuses the API key.
 GATEWAY_AUTH_RETRY_CAP = env_float("GATEWAY_AUTH_RETRY_CAP", 60.0, 0.01)
+# Seconds a subscribe/unsubscribe waits for its reply before it is sent again.
+GATEWAY_REPLY_TIMEOUT = env_float("GATEWAY_REPLY_TIMEOUT", 10.0, 0.01)
 GATEWAY_RECONCILE_INTERVAL = env_float("GATEWAY_RECONCILE_INTERVAL", 5.0, 0.05)
 GATEWAY_HANDOFF_SIZE = env_int("GATEWAY_HANDOFF_SIZE", 50_000, 10)
 GATEWAY_CONFIRM_WINDOW = env_int("GATEWAY_CONFIRM_WINDOW", 2_000, 1)
