@@ -4,8 +4,9 @@ One `BybitSocket` holds one connection (public per category, or the private one)
 the topics it is told to want subscribed across reconnects. Which requests to send and what
 Bybit's replies mean is `streaming.protocol.Subscriptions`' business; this module only moves
 them over the wire. Frames go to the gateway's `on_frame` callback one by one; control
-replies come back here. A shared `CircuitBreaker` and `ConnectionBudget` (streaming.circuit)
-keep all sockets polite to Bybit.
+replies come back here. The endpoint's own `CircuitBreaker` and the `ConnectionBudget` all
+sockets share (streaming.circuit) keep them polite to Bybit, without one failing endpoint
+holding up the others.
 """
 
 from __future__ import annotations
@@ -15,16 +16,18 @@ import itertools
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
 from streaming.circuit import CircuitBreaker, ConnectionBudget, backoff_delay
-from streaming.protocol import Subscriptions, auth_reply, auth_request
+from streaming.protocol import AuthReply, Request, Subscriptions, auth_reply, auth_request
 
 log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
 
 PUBLIC_CATEGORIES = ("spot", "linear", "inverse", "option")
 ENDPOINTS = {
@@ -56,8 +59,9 @@ class SocketConfig:
     backoff_base: float
     backoff_cap: float
     healthy_after: float
-    auth_retry: float  # seconds before retrying auth after Bybit rejected the credentials
+    auth_retry_cap: float  # longest wait between auth attempts while Bybit refuses the credentials
     max_frame_bytes: int
+    reply_timeout: float = 10.0  # seconds a subscribe/unsubscribe waits for its reply before it is sent again
 
 
 class AuthRejected(Exception):
@@ -66,6 +70,13 @@ class AuthRejected(Exception):
 
 class DeadSocket(Exception):
     """No frame and no pong within the dead window."""
+
+
+class Unanswered(Exception):
+    """Requests went unanswered however often they were sent: the connection is not serving us."""
+
+
+CONNECT_ERRORS = (OSError, TimeoutError, InvalidHandshake, InvalidURI)
 
 
 async def dial(url: str, config: SocketConfig) -> ClientConnection:
@@ -85,15 +96,30 @@ async def dial(url: str, config: SocketConfig) -> ClientConnection:
     )
 
 
-async def until_stopped(awaitable: Awaitable[Any], stopping: asyncio.Event) -> bool:
-    """Await `awaitable` unless `stopping` is set first; return False if stopped."""
+async def until_stopped(awaitable: Awaitable[T], stopping: asyncio.Event) -> T | None:
+    """Await `awaitable` unless `stopping` is set first (it is then cancelled); None if stopped.
+
+    When both happen in one tick the result wins: the caller gets it and checks `stopping`.
+    """
     task = asyncio.ensure_future(awaitable)
     stopper = asyncio.ensure_future(stopping.wait())
-    done, _ = await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
-    for pending in (task, stopper):
-        if pending not in done:
-            pending.cancel()
-    return task in done and not stopping.is_set()
+    try:
+        done, _ = await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopper.cancel()
+        if not task.done():
+            task.cancel()
+    return task.result() if task in done else None
+
+
+async def exchange_auth(ws: ClientConnection, credentials: tuple[str, str], timeout: float) -> AuthReply:
+    """Send Bybit's auth request and return its answer; frames before the answer are skipped."""
+    await ws.send(auth_request(*credentials, int(time.time() * 1000)))
+    deadline = time.monotonic() + timeout
+    reply = None
+    while reply is None:
+        reply = auth_reply(await asyncio.wait_for(ws.recv(), max(0.01, deadline - time.monotonic())))
+    return reply
 
 
 async def pause(stopping: asyncio.Event, seconds: float) -> None:
@@ -110,6 +136,64 @@ RejectCallback = Callable[["BybitSocket", str, str], None]
 FrameCallback = Callable[[str | bytes, "BybitSocket"], "dict[str, Any] | None"]
 # Awaited after a frame when the gateway's hand-off is nearly full: reads pause, the publisher runs.
 Backpressure = tuple[Callable[[], bool], Callable[[], Awaitable[None]]]
+
+
+def describe(request: Request) -> dict[str, Any]:
+    """A request's fields for a log line."""
+    first = request.topics[0] if request.topics else None
+    return {"op": request.op, "req_id": request.req_id, "topics": len(request.topics), "first": first}
+
+
+@dataclass
+class SocketHealth:
+    """What an operator sees of one socket besides its state: outages, the last error, auth refusals."""
+
+    reconnects: int = 0
+    last_frame_at: float | None = None  # time.time() of the last frame
+    down_since: float | None = None
+    last_outage: dict[str, float] | None = None
+    last_error: str = ""
+    auth_error: str = ""  # Bybit's ret_msg while it refuses the credentials, else ""
+    auth_failures: int = 0  # refusals since the process started
+    auth_refused_in_a_row: int = 0
+    auth_failing_since: float | None = None  # time.time() of the first refusal in a row
+
+    def down(self, now: float) -> None:
+        """The connection is gone (or never came): an outage starts, unless one is running."""
+        if self.down_since is None:
+            self.down_since = now
+            self.reconnects += 1
+
+    def up(self, now: float) -> float | None:
+        """Connected: end the outage and return its length in seconds; None on the first connect."""
+        if self.down_since is None:
+            return None
+        self.last_outage = {"from": self.down_since, "to": now, "seconds": round(now - self.down_since, 3)}
+        self.down_since = None
+        return self.last_outage["seconds"]
+
+    def auth_refused(self, error: str, now: float) -> None:
+        self.auth_error = error
+        self.auth_failures += 1
+        self.auth_refused_in_a_row += 1
+        self.auth_failing_since = self.auth_failing_since or now
+
+    def auth_accepted(self) -> int:
+        """Credentials accepted: clear the refusal; return how many refusals in a row it ends."""
+        ended = self.auth_refused_in_a_row
+        self.auth_error, self.auth_refused_in_a_row, self.auth_failing_since = "", 0, None
+        return ended
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "last_frame_at": self.last_frame_at,
+            "reconnects": self.reconnects,
+            "last_outage": self.last_outage,
+            "last_error": self.last_error,
+            "auth_error": self.auth_error,
+            "auth_failures": self.auth_failures,
+            "auth_failing_since": self.auth_failing_since,
+        }
 
 
 class BybitSocket:
@@ -140,7 +224,7 @@ class BybitSocket:
         self.on_reject = on_reject
         self.credentials = credentials
         self.backpressure = backpressure
-        self.subscriptions = Subscriptions()
+        self.subscriptions = Subscriptions(deadline=config.reply_timeout)
         # The core's own sets, never rebound: the gateway's per-frame check reads them without a call.
         self.desired = self.subscriptions.desired
         self.live = self.subscriptions.live
@@ -148,17 +232,8 @@ class BybitSocket:
         self.stopping = asyncio.Event()
         self.ws: ClientConnection | None = None
         self.state = "idle"
-        self.reconnects = 0
-        self.last_frame_at: float | None = None  # time.time() of the last frame
         self.last_frame_mono = 0.0
-        self.down_since: float | None = None
-        self.last_outage: dict[str, float] | None = None
-        self.last_error = ""
-        self.auth_error = ""
-
-    @property
-    def is_private(self) -> bool:
-        return self.category == "private"
+        self.health = SocketHealth()
 
     def want(self, topics: set[str]) -> None:
         """Replace the topics this socket should hold; the change is sent at once."""
@@ -172,11 +247,7 @@ class BybitSocket:
             "state": self.state,
             "topics": len(self.live),
             "wanted": len(self.desired),
-            "last_frame_at": self.last_frame_at,
-            "reconnects": self.reconnects,
-            "last_outage": self.last_outage,
-            "last_error": self.last_error,
-            "auth_error": self.auth_error,
+            **self.health.snapshot(),
         }
 
     async def run(self) -> None:
@@ -184,22 +255,21 @@ class BybitSocket:
         attempt = 0
         while not self.stopping.is_set():
             self.state = "waiting_circuit" if self.breaker.state != "closed" else "connecting"
-            if not await until_stopped(self.breaker.acquire(), self.stopping):
-                break
-            await self.budget.acquire()
-            self.state = "connecting"
             try:
-                ws = await dial(self.url, self.config)
-            except (OSError, TimeoutError, InvalidHandshake, InvalidURI) as exc:
-                self.last_error = f"connect: {type(exc).__name__}: {exc}"[:200]
-                await self.breaker.failure()
+                ws = await until_stopped(self.connect(), self.stopping)
+            except CONNECT_ERRORS as exc:
+                error = self.health.last_error = f"connect: {type(exc).__name__}: {exc}"[:200]
                 delay = backoff_delay(attempt, self.config.backoff_base, self.config.backoff_cap)
                 attempt += 1
-                log.warning("bybit.connect_failed", socket=self.name, error=self.last_error, retry_in=round(delay, 3))
+                log.warning("bybit.connect_failed", socket=self.name, error=error, retry_in=round(delay, 3))
                 self.mark_down()
                 await pause(self.stopping, delay)
                 continue
-            await self.breaker.success()
+            if ws is None:
+                break
+            if self.stopping.is_set():
+                await ws.close()
+                break
             connected_at = time.monotonic()
             try:
                 await self.session(ws)
@@ -207,11 +277,16 @@ class BybitSocket:
                 await ws.close()
                 self.mark_down()
                 self.state = "auth_failed"
-                await pause(self.stopping, self.config.auth_retry)
+                refused = self.health.auth_refused_in_a_row
+                delay = backoff_delay(refused - 1, self.config.backoff_base, self.config.auth_retry_cap)
+                log.error("bybit.auth_rejected", socket=self.name, ret_msg=self.health.auth_error,
+                          refused_in_a_row=refused, retry_in=round(delay, 3))  # fmt: skip
+                await pause(self.stopping, delay)
                 continue
-            except (ConnectionClosed, OSError, TimeoutError, DeadSocket) as exc:
-                self.last_error = f"{type(exc).__name__}: {exc}"[:200]
-                log.warning("bybit.disconnected", socket=self.name, error=self.last_error)
+            except (ConnectionClosed, OSError, TimeoutError, DeadSocket, Unanswered) as exc:
+                ws.transport.abort()  # a peer that stopped answering gets no closing handshake
+                error = self.health.last_error = f"{type(exc).__name__}: {exc}"[:200]
+                log.warning("bybit.disconnected", socket=self.name, error=error)
             finally:
                 self.ws = None
                 self.subscriptions.disconnect()
@@ -226,6 +301,23 @@ class BybitSocket:
             await pause(self.stopping, delay)
         self.state = "stopped"
 
+    async def connect(self) -> ClientConnection:
+        """One attempt through the endpoint's breaker and the shared budget; the breaker hears how it went."""
+        async with self.breaker.attempt():
+            await self.budget.acquire()
+            self.state = "connecting"
+            try:
+                ws = await dial(self.url, self.config)
+            except CONNECT_ERRORS:
+                await self.breaker.failure()
+                raise
+            try:
+                await self.breaker.success()
+            except asyncio.CancelledError:
+                ws.transport.abort()  # stopped in the same breath: nobody else would close it
+                raise
+            return ws
+
     async def stop(self) -> None:
         """Stop reading and close the connection cleanly."""
         self.stopping.set()
@@ -233,26 +325,20 @@ class BybitSocket:
             await self.ws.close()
 
     def mark_down(self) -> None:
-        if self.down_since is None:
-            self.down_since = time.time()
-            self.reconnects += 1
+        self.state = "reconnecting"
+        self.health.down(time.time())
 
     async def session(self, ws: ClientConnection) -> None:
         """One connected lifetime: auth, subscribe everything wanted, read until it ends."""
         self.ws = ws
         self.last_frame_mono = time.monotonic()
-        if self.is_private:
+        if self.credentials is not None:  # the private socket
             self.state = "authenticating"
-            await self.authenticate(ws)
+            await self.authenticate(ws, self.credentials)
         self.state = "connected"
-        if self.down_since is not None:
-            self.last_outage = {
-                "from": self.down_since,
-                "to": time.time(),
-                "seconds": round(time.time() - self.down_since, 3),
-            }
-            log.info("bybit.reconnected", socket=self.name, outage_seconds=self.last_outage["seconds"])
-            self.down_since = None
+        outage = self.health.up(time.time())
+        if outage is not None:
+            log.info("bybit.reconnected", socket=self.name, outage_seconds=outage)
         else:
             log.info("bybit.connected", socket=self.name, url=self.url)
         self.kick.set()
@@ -274,24 +360,20 @@ class BybitSocket:
         if self.stopping.is_set():
             await ws.close()
 
-    async def authenticate(self, ws: ClientConnection) -> None:
-        assert self.credentials is not None
-        await ws.send(auth_request(*self.credentials, int(time.time() * 1000)))
-        deadline = time.monotonic() + self.config.connect_timeout
-        reply = None
-        while reply is None:
-            reply = auth_reply(await asyncio.wait_for(ws.recv(), max(0.01, deadline - time.monotonic())))
+    async def authenticate(self, ws: ClientConnection, credentials: tuple[str, str]) -> None:
+        reply = await exchange_auth(ws, credentials, self.config.connect_timeout)
         if not reply.accepted:
-            self.auth_error = reply.error
-            log.error("bybit.auth_rejected", socket=self.name, ret_msg=self.auth_error, retry_in=self.config.auth_retry)
-            self.on_reject(self, "*", f"auth rejected: {self.auth_error}")
-            raise AuthRejected(self.auth_error)
-        self.auth_error = ""
-        log.info("bybit.authenticated", socket=self.name)
+            # The subscriptions stay live: a refusal can pass (Bybit's own trouble, clock skew,
+            # a key not yet active). The socket tries again with backoff, and /health and the
+            # `gateway.private_auth_failed` alert say that private events are not arriving.
+            self.health.auth_refused(reply.error, time.time())
+            raise AuthRejected(reply.error)
+        log.info("bybit.authenticated", socket=self.name, after_refusals=self.health.auth_accepted())
 
     async def read(self, ws: ClientConnection) -> None:
         on_frame = self.on_frame
-        backlogged, relieve = self.backpressure or (lambda: False, None)
+        # None for the private socket: it never waits for market data to drain.
+        backlogged, relieve = self.backpressure or (None, None)
         count = 0
         while True:
             raw = await ws.recv()  # returns without yielding while frames are buffered
@@ -299,7 +381,7 @@ class BybitSocket:
             control = on_frame(raw, self)
             if control is not None:
                 self.on_control(control)
-            if backlogged():
+            if backlogged is not None and backlogged():
                 await relieve()  # type: ignore[misc]
             count += 1
             if count & (YIELD_EVERY - 1) == 0:
@@ -311,7 +393,7 @@ class BybitSocket:
         next_ping = time.monotonic() + interval
         while True:
             now = time.monotonic()
-            self.last_frame_at = time.time() - (now - self.last_frame_mono)
+            self.health.last_frame_at = time.time() - (now - self.last_frame_mono)
             if now - self.last_frame_mono > dead_after:
                 log.warning("bybit.socket_dead", socket=self.name, silent_for=round(now - self.last_frame_mono, 2))
                 ws.transport.abort()
@@ -319,7 +401,19 @@ class BybitSocket:
             if now >= next_ping:
                 await ws.send(f'{{"req_id":"ping-{next(counter)}","op":"ping"}}')
                 next_ping = now + interval
+            await self.chase_replies(ws, now)
             await asyncio.sleep(min(0.25, interval, dead_after / 4))
+
+    async def chase_replies(self, ws: ClientConnection, now: float) -> None:
+        """Send overdue subscribe/unsubscribe requests again; give the connection up when they stay unanswered."""
+        overdue = self.subscriptions.overdue(now)
+        if overdue.give_up:
+            first = overdue.give_up[0]
+            log.warning("bybit.requests_unanswered", socket=self.name, requests=len(overdue.give_up), **describe(first))
+            raise Unanswered(f"no reply to {first.op} {first.req_id} after {first.resends + 1} sends")
+        for request in overdue.resend:
+            log.warning("bybit.request_resent", socket=self.name, resends=request.resends, **describe(request))
+            await ws.send(request.text())
 
     async def sync_loop(self, ws: ClientConnection) -> None:
         """Send what the core asks for whenever `want()` or a reply may have changed it."""

@@ -83,8 +83,9 @@ class GatewayConfig:
                 backoff_base=s.GATEWAY_BACKOFF_BASE,
                 backoff_cap=s.GATEWAY_BACKOFF_CAP,
                 healthy_after=s.GATEWAY_HEALTHY_AFTER,
-                auth_retry=s.GATEWAY_CIRCUIT_COOLDOWN,
+                auth_retry_cap=s.GATEWAY_AUTH_RETRY_CAP,
                 max_frame_bytes=s.GATEWAY_MAX_FRAME_BYTES,
+                reply_timeout=s.GATEWAY_REPLY_TIMEOUT,
             ),
             circuit_failures=s.GATEWAY_CIRCUIT_FAILURES,
             circuit_window=s.GATEWAY_CIRCUIT_WINDOW,
@@ -135,7 +136,7 @@ class Gateway:
         self.market = MarketState(self.cache, self.balances)
         self.envelopes = Envelopes(state=self.market if config.orderbooks else None)
         self.reconciler = Reconciler(self, config.reconcile_interval)
-        self.breaker = CircuitBreaker(config.circuit_failures, config.circuit_window, config.circuit_cooldown)
+        self.breakers: dict[str, CircuitBreaker] = {}  # by endpoint URL
         self.budget = ConnectionBudget()
         self.sockets: dict[str, BybitSocket] = {}
         self.socket_tasks: dict[str, asyncio.Task[None]] = {}
@@ -185,18 +186,26 @@ class Gateway:
             url,
             category,
             self.config.socket,
-            self.breaker,
+            self.breaker_for(url),
             self.budget,
             on_frame=self.on_frame,
             on_ack=self.reconciler.topics_confirmed,
             on_reject=self.reconciler.topic_rejected,
             credentials=self.config.credentials if private else None,
-            backpressure=(self.handoff.backlogged, self.handoff.relieve),
+            # Market backlog pauses market reads only: private events are never held up by it.
+            backpressure=None if private else (self.handoff.backlogged, self.handoff.relieve),
         )
         self.sockets[name] = sock
         self.socket_tasks[name] = self.start(sock.run(), f"socket-{name}")
         log.info("gateway.socket_opened", socket=name, url=url)
         return sock
+
+    def breaker_for(self, url: str) -> CircuitBreaker:
+        """The endpoint's own breaker: failures of one path never delay connections to another."""
+        if url not in self.breakers:
+            c = self.config
+            self.breakers[url] = CircuitBreaker(c.circuit_failures, c.circuit_window, c.circuit_cooldown, url)
+        return self.breakers[url]
 
     async def close_socket(self, name: str) -> None:
         sock = self.sockets.pop(name)

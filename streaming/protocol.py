@@ -22,6 +22,7 @@ ARGS_CHARS_PER_CONNECTION = 21_000  # linear/inverse/option limit on one connect
 TOPICS_PER_CONNECTION = 200  # our own cap, so one socket never carries the whole market
 AUTH_EXPIRES_MARGIN_MS = 10_000  # pybit's 1 s fails on clock skew
 REPLY_DEADLINE = 10.0  # seconds a request may wait for its reply before `expired()` names it
+REPLY_RESENDS = 2  # times an unanswered request is sent again before the connection is given up
 ALREADY_SUBSCRIBED = "already subscribed"
 TOPIC_IN_MESSAGE = re.compile(r"topic:([A-Za-z0-9._-]+)")
 
@@ -78,6 +79,7 @@ class Request:
     op: str
     topics: tuple[str, ...]
     sent_at: float
+    resends: int = 0  # times sent before this, under the same req_id
 
     def text(self) -> str:
         return orjson.dumps({"req_id": self.req_id, "op": self.op, "args": self.topics}).decode()
@@ -96,15 +98,25 @@ class Outcome:
 NOTHING = Outcome()
 
 
+@dataclass(frozen=True, slots=True)
+class Overdue:
+    """Requests past their reply deadline: sent again, or given up on (the connection no longer answers)."""
+
+    resend: tuple[Request, ...] = ()
+    give_up: tuple[Request, ...] = ()
+
+
 class Subscriptions:
     """One connection's topics: desired, live and in flight, kept equal through Bybit's replies."""
 
-    def __init__(self, deadline: float = REPLY_DEADLINE) -> None:
+    def __init__(self, deadline: float = REPLY_DEADLINE, resends: int = REPLY_RESENDS) -> None:
         # Changed in place, never rebound: the I/O shell keeps references for its per-frame check.
         self.desired: set[str] = set()
         self.live: set[str] = set()
         self.in_flight: dict[str, Request] = {}  # by req_id, in the order sent
+        self.resent: set[str] = set()  # req_ids sent more than once: a second reply may come
         self.deadline = deadline
+        self.resends = resends
         self.req_ids = itertools.count(1)
 
     def want(self, topics: Iterable[str]) -> None:
@@ -155,10 +167,28 @@ class Subscriptions:
         """The connection ended: nothing is live and no reply will come."""
         self.live.clear()
         self.in_flight.clear()
+        self.resent.clear()
 
     def expired(self, now: float) -> list[Request]:
-        """Requests still unanswered `deadline` seconds after they were sent, oldest first."""
-        return [r for r in self.in_flight.values() if now - r.sent_at > self.deadline]
+        """Requests still unanswered past their deadline, oldest first; the deadline doubles with each resend."""
+        return [r for r in self.in_flight.values() if now - r.sent_at > self.deadline * 2**r.resends]
+
+    def overdue(self, now: float) -> Overdue:
+        """Send expired requests again under the same req_id, `resends` times; then give up on them.
+
+        A request given up on means the connection takes requests and answers none: the shell
+        replaces it, and the new connection asks again for everything wanted.
+        """
+        resend, give_up = [], []
+        for request in self.expired(now):
+            if request.resends >= self.resends:
+                give_up.append(request)
+                continue
+            again = replace(request, sent_at=now, resends=request.resends + 1)
+            self.in_flight[request.req_id] = again
+            self.resent.add(request.req_id)
+            resend.append(again)
+        return Overdue(tuple(resend), tuple(give_up))
 
     def request(self, op: str, topics: Iterable[str], now: float) -> Request:
         request = Request(f"{op[:3]}-{next(self.req_ids)}", op, tuple(topics), now)
@@ -170,6 +200,8 @@ class Subscriptions:
 
     def answered(self, op: str, req_id: str | None) -> Request | None:
         request = self.in_flight.pop(req_id, None) if req_id else None
+        if request is None and req_id in self.resent:
+            return None  # the late reply to the other copy of a request already answered
         if request is None:
             # The private socket may not echo req_id: replies come in request order.
             request = next((r for r in self.in_flight.values() if r.op == op), None)

@@ -325,12 +325,11 @@ class Reconciler:
         self.in_background(mark_active, sock.category, topics)
 
     def topic_rejected(self, sock: BybitSocket, topic: str, message: str) -> None:
-        """Bybit refused a topic (or, with topic "*", the credentials): fail its rows."""
+        """Bybit refused a topic: fail its rows. (Refused credentials fail nothing: the socket retries auth.)"""
         log.warning("bybit.subscribe_rejected", socket=sock.name, topic=topic, ret_msg=message)
         key = (sock.category, topic)
         self.rejected[key] = message
-        topics = None if topic == "*" else [topic]
-        task = self.in_background(mark_failed, sock.category, topics, message)
+        task = self.in_background(mark_failed, sock.category, [topic], message)
         task.add_done_callback(lambda _t: self.rejected.pop(key, None))
 
 

@@ -15,6 +15,7 @@ import orjson
 import redis.asyncio as aioredis
 import structlog
 
+from streaming.circuit import circuits_snapshot
 from streaming.lock import wait_or_timeout
 from wsgateway.logging import LogThrottle
 
@@ -58,11 +59,13 @@ class Counters:
 def status_record(gw: Gateway) -> dict[str, Any]:
     """Everything an operator needs to see about one gateway process, as plain data."""
     publisher, counters = gw.publisher, gw.counters
+    circuit, circuits = circuits_snapshot(gw.breakers)
     return {
         "updated_at": time.time(),
         "started_at": gw.started_at,
         "state": gw.state,
-        "circuit": gw.breaker.snapshot(),
+        "circuit": circuit,  # the worst endpoint's breaker
+        "circuits": circuits,  # every endpoint's breaker, by URL
         "sockets": [s.snapshot() for s in gw.sockets.values()],
         "publisher": {
             "connected": publisher.connected,

@@ -64,10 +64,10 @@ def point(settings, dependency: str, port: int) -> None:
         settings.REDIS_URL = f"redis://127.0.0.1:{port}/0"
 
 
-def write_status(settings, age: float) -> None:
+def write_status(settings, age: float, **fields: object) -> None:
     client = redis.Redis.from_url(settings.REDIS_URL)
     record = {"updated_at": time.time() - age, "state": "running", "circuit": {"state": "closed"}, "counters": {},
-              "balances": {"pending": 3, "written": 10, "last_error": "OperationalError: down"}}  # fmt: skip
+              "balances": {"pending": 3, "written": 10, "last_error": "OperationalError: down"}, **fields}  # fmt: skip
     client.set(f"{settings.REDIS_KEY_PREFIX}gateway:status", orjson.dumps(record))
     client.close()
 
@@ -93,6 +93,19 @@ def test_an_old_gateway_record_is_stale(settings, redis_prefix: str) -> None:
     write_status(settings, age=settings.GATEWAY_STATUS_STALE_AFTER + 5)
     code, body, _ = get_health()
     assert (code, body["status"], body["checks"]["gateway"]["status"]) == (200, "degraded", "stale")
+
+
+def test_bybit_refusing_the_api_key_makes_health_degraded_and_says_so(settings, redis_prefix: str) -> None:
+    refused = {"name": "private-1", "category": "private", "state": "auth_failed", "auth_error": "API key is invalid.",
+               "auth_failures": 7, "auth_failing_since": 1_800_000_000.0}  # fmt: skip
+    endpoint = "wss://stream.bybit.com/v5/private"
+    write_status(settings, age=0.1, sockets=[refused], circuits={endpoint: {"state": "closed"}})
+    code, body, _ = get_health()
+    assert (code, body["status"], body["checks"]["gateway"]["status"]) == (200, "degraded", "degraded")
+    (problem,) = body["checks"]["gateway"]["problems"]
+    assert "private-1" in problem and "API key is invalid." in problem and "7 refusals" in problem
+    assert "2027-01-15T08:00:00Z" in problem
+    assert body["checks"]["gateway"]["circuits"] == {endpoint: {"state": "closed"}}
 
 
 @pytest.mark.parametrize("dependency", ["database", "rabbitmq", "redis"])

@@ -6,7 +6,14 @@ from typing import Any
 
 import pytest
 
-from streaming.monitoring.checks import dropped_estimate, fill_ratio, gateway_alerts, queue_alerts, worst
+from streaming.monitoring.checks import (
+    GATEWAY_FAMILIES,
+    dropped_estimate,
+    fill_ratio,
+    gateway_alerts,
+    queue_alerts,
+    worst,
+)
 from streaming.monitoring.readings import QueueReading
 
 QUEUE = "ws-gateway.alpha.trade"
@@ -200,3 +207,31 @@ def test_open_circuit_and_disconnected_publisher_are_critical() -> None:
 def test_a_gateway_not_running_yet_or_any_more_is_judged_on_freshness_only(state: str) -> None:
     record = status(state=state, sockets=[{"name": "linear-1", "state": "connecting"}], publisher={"connected": False})
     assert gateway_alerts(record, NOW) == []
+
+
+def test_bybit_refusing_the_api_key_is_a_critical_alert_on_the_private_socket() -> None:
+    refused = {"name": "private-1", "category": "private", "state": "auth_failed", "last_error": "", "reconnects": 4,
+               "auth_error": "API key is invalid.", "auth_failures": 4, "auth_failing_since": NOW - 60}  # fmt: skip
+    found = gateway_alerts(status(sockets=[status()["sockets"][0], refused]), NOW)
+    assert [(a.name, a.subject, a.severity) for a in found] == [
+        ("gateway.socket.down", "private-1", "critical"),
+        ("gateway.private_auth_failed", "private-1", "critical"),
+    ]
+    assert found[1].details == {"auth_error": "API key is invalid.", "auth_failures": 4, "auth_failing_since": NOW - 60}
+    assert found[1].family in GATEWAY_FAMILIES  # resolved by the gateway monitor once auth succeeds
+
+
+def test_each_open_endpoint_circuit_is_its_own_alert() -> None:
+    linear, spot = "wss://stream.bybit.com/v5/public/linear", "wss://stream.bybit.com/v5/public/spot"
+    record = status(
+        circuit={"state": "open", "next_attempt_at": NOW + 30, "endpoint": linear},
+        circuits={
+            linear: {"state": "open", "next_attempt_at": NOW + 30},
+            spot: {"state": "half_open", "next_attempt_at": None},
+            "wss://stream.bybit.com/v5/private": {"state": "closed", "next_attempt_at": None},
+        },
+    )
+    found = gateway_alerts(record, NOW)
+    assert [(a.name, a.subject, a.details) for a in found] == [
+        ("gateway.circuit.open", linear, {"next_attempt_at": NOW + 30})
+    ]

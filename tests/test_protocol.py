@@ -7,7 +7,7 @@ import hmac
 
 import orjson
 
-from streaming.protocol import ARGS_PER_REQUEST, AuthReply, Request, Subscriptions, auth_reply, auth_request
+from streaming.protocol import ARGS_PER_REQUEST, AuthReply, Overdue, Request, Subscriptions, auth_reply, auth_request
 
 
 def ack(request: Request, success: bool = True, ret_msg: str = "subscribe", echo: bool = True) -> dict:
@@ -159,6 +159,46 @@ def test_expired_names_requests_unanswered_past_the_deadline() -> None:
     assert core.expired(15.5) == [old]
     core.reply(ack(old), 16.0)
     assert core.expired(19.5) == [recent]
+
+
+def test_an_unanswered_request_is_sent_again_with_a_doubling_wait_then_given_up() -> None:
+    core = Subscriptions(deadline=1.0, resends=2)
+    core.want({"a"})
+    (sent,) = core.sync(0.0)
+    assert core.overdue(0.9).resend == ()
+    (again,) = core.overdue(1.1).resend
+    assert (again.req_id, again.topics, again.resends) == (sent.req_id, ("a",), 1)
+    assert core.overdue(3.0).resend == ()  # the second wait is twice as long
+    (third,) = core.overdue(3.2).resend
+    assert third.resends == 2 and core.overdue(7.0) == Overdue()
+    (given_up,) = core.overdue(7.3).give_up
+    assert given_up.req_id == sent.req_id
+    assert core.sync(7.3) == []  # still in flight: the shell replaces the connection instead
+
+
+def test_the_second_reply_to_a_request_sent_twice_settles_nothing_else() -> None:
+    core = Subscriptions(deadline=1.0)
+    core.want({"a"})
+    (sent,) = core.sync(0.0)
+    (again,) = core.overdue(1.5).resend
+    core.want({"a", "b"})
+    (other,) = core.sync(1.6)
+    assert core.reply(ack(sent), 1.7).acked == ("a",)
+    # Bybit answers the copy too ("already subscribed"): it must not be taken for the reply to `other`.
+    assert core.reply(ack(again, success=False, ret_msg="error:already subscribed,topic:a"), 1.8).acked == ()
+    assert core.reply(ack(other), 1.9).acked == ("b",)
+    assert core.live == {"a", "b"} and core.in_flight == {}
+
+
+def test_a_disconnect_forgets_requests_being_chased() -> None:
+    core = Subscriptions(deadline=1.0)
+    core.want({"a"})
+    core.sync(0.0)
+    core.overdue(1.5)
+    core.disconnect()
+    assert core.overdue(100.0) == Overdue() and core.resent == set()
+    (fresh,) = core.sync(100.0)
+    assert fresh.resends == 0
 
 
 def test_the_shells_references_to_desired_and_live_stay_current() -> None:

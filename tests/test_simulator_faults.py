@@ -61,6 +61,40 @@ def test_refuse_answers_503_then_accepts_again() -> None:
     with_simulator(test)
 
 
+def test_refuse_with_a_path_refuses_only_that_path() -> None:
+    async def test(sim: Simulator) -> None:
+        await sim.refuse(5, "/v5/public/linear")
+        with pytest.raises(InvalidStatus) as refused:
+            await BybitClient.open(f"{sim.url}/v5/public/linear")
+        assert refused.value.response.status_code == 503
+        spot = await BybitClient.open(f"{sim.url}/v5/public/spot")
+        private = await BybitClient.open(f"{sim.url}/v5/private")
+        await spot.close()
+        await private.close()
+        assert sim.refused == 1
+
+    with_simulator(test)
+
+
+def test_ignored_requests_get_no_reply_until_the_fault_ends() -> None:
+    async def test(sim: Simulator) -> None:
+        client = await BybitClient.open(f"{sim.url}/v5/public/linear")
+        await sim.control.ignore_requests(0.5)
+        await client.send({"op": "subscribe", "req_id": "ignored", "args": ["publicTrade.BTCUSDT"]})
+        assert (await client.request("ping"))["ret_msg"] == "pong"  # pings are still answered
+        with pytest.raises(TimeoutError):
+            await client.reply("subscribe", timeout=0.2)
+        assert sim.subscribes[("linear", "publicTrade.BTCUSDT")] == 0  # not applied either
+        deadline = asyncio.get_running_loop().time() + 5
+        while asyncio.get_running_loop().time() < deadline and sim.faults.is_ignoring_requests():
+            await asyncio.sleep(0.05)
+        reply = await client.request("subscribe", ["publicTrade.BTCUSDT"], req_id="answered")
+        assert (reply["req_id"], reply["success"]) == ("answered", True)
+        await client.close()
+
+    with_simulator(test)
+
+
 def test_delayed_pongs_arrive_late() -> None:
     async def test(sim: Simulator) -> None:
         await sim.delay_pongs(0.4)

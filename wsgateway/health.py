@@ -1,7 +1,8 @@
 """GET /health: a real round trip to each dependency, all within a hard deadline.
 
 Policy: the database, RabbitMQ or Redis unreachable -> `down` (503); the gateway's status
-record missing or stale -> `degraded` (200), because the API still works without it.
+record missing or stale, or a running gateway with a problem an operator must act on (Bybit
+refusing the API key) -> `degraded` (200), because the API still works without it.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from wsgateway.logging import redact_value
 POOL = ThreadPoolExecutor(max_workers=8, thread_name_prefix="health")
 GATEWAY_PASSTHROUGH = (
     "state", "circuit", "sockets", "counters", "handoff_depth", "in_flight", "publisher", "books", "lvc", "balances",
-    "malformed_by_reason", "read_pauses",
+    "malformed_by_reason", "read_pauses", "circuits",
 )  # fmt: skip
 
 
@@ -78,6 +79,20 @@ def check_redis(timeout: float) -> dict[str, Any]:
     return {}
 
 
+def gateway_problems(record: dict[str, Any]) -> list[str]:
+    """What a running gateway's status record says an operator must act on, in words; empty when nothing."""
+    problems = []
+    for sock in record.get("sockets") or []:
+        if sock.get("auth_error"):
+            since = sock.get("auth_failing_since")
+            when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(since)) if since else "?"
+            problems.append(
+                f"socket {sock.get('name')}: Bybit refuses the API key ({sock['auth_error']}), "
+                f"{sock.get('auth_failures', '?')} refusals, failing since {when}; no private events arrive"
+            )
+    return problems
+
+
 def check_gateway(timeout: float) -> dict[str, Any]:
     client = redis_client(timeout)
     try:
@@ -93,6 +108,9 @@ def check_gateway(timeout: float) -> dict[str, Any]:
         return {"status": "unknown", **result}
     if age > settings.GATEWAY_STATUS_STALE_AFTER:
         return {"status": "stale", **result}
+    problems = gateway_problems(record)
+    if problems:
+        return {"status": "degraded", "problems": problems, **result}
     return {"status": "ok", **result}
 
 

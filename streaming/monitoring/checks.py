@@ -12,7 +12,13 @@ from django.conf import settings
 from streaming.monitoring.readings import QueueReading
 
 QUEUE_FAMILIES = ("queue.backlog", "queue.retention", "queue.no_consumer", "queue.slow_consumer", "rabbitmq")
-GATEWAY_FAMILIES = ("gateway.status", "gateway.socket", "gateway.circuit", "gateway.publisher")
+GATEWAY_FAMILIES = (
+    "gateway.status",
+    "gateway.socket",
+    "gateway.circuit",
+    "gateway.publisher",
+    "gateway.private_auth_failed",
+)
 LEVELS = ("warning", "critical")
 
 
@@ -92,7 +98,7 @@ def worst(alerts: Iterable[Alert]) -> str:
 
 
 def gateway_alerts(status: dict[str, Any] | None, now: float) -> list[Alert]:
-    """What the gateway's status record says is wrong: missing or stale, sockets down, circuit open."""
+    """What the gateway's status record says is wrong: missing or stale, sockets down, auth refused, circuits open."""
     if status is None:
         return [Alert("gateway.status.stale", "gateway", "critical", {"reason": "no status record"})]
     age = now - status.get("updated_at", 0)
@@ -105,10 +111,15 @@ def gateway_alerts(status: dict[str, Any] | None, now: float) -> list[Alert]:
         if socket.get("state") != "connected":
             details = {k: socket.get(k) for k in ("state", "category", "last_error", "reconnects")}
             alerts.append(Alert("gateway.socket.down", socket.get("name", "?"), "critical", details))
-    circuit = status.get("circuit") or {}
-    if circuit.get("state") == "open":
-        details = {"next_attempt_at": circuit.get("next_attempt_at")}
-        alerts.append(Alert("gateway.circuit.open", "gateway", "critical", details))
+        if socket.get("auth_error"):
+            details = {k: socket.get(k) for k in ("auth_error", "auth_failures", "auth_failing_since")}
+            alerts.append(Alert("gateway.private_auth_failed", socket.get("name", "?"), "critical", details))
+    # One breaker per endpoint; a record from before that has only the one "circuit".
+    circuits = status.get("circuits") or {"gateway": status.get("circuit") or {}}
+    for endpoint, circuit in circuits.items():
+        if circuit.get("state") == "open":
+            details = {"next_attempt_at": circuit.get("next_attempt_at")}
+            alerts.append(Alert("gateway.circuit.open", endpoint, "critical", details))
     publisher = status.get("publisher") or {}
     if publisher and not publisher.get("connected"):
         alerts.append(Alert("gateway.publisher.down", "gateway", "critical", {"error": publisher.get("last_error")}))

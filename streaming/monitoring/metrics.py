@@ -74,19 +74,30 @@ def gateway_metrics(status: dict[str, Any] | None, now: float) -> Iterator[Metri
         family = GaugeMetricFamily(name, help_text)
         family.add_metric([], status.get(key, 0))
         yield family
-    circuit = GaugeMetricFamily("wsgateway_gateway_circuit_open", "1 while the Bybit circuit breaker is open")
+    circuit = GaugeMetricFamily("wsgateway_gateway_circuit_open", "1 while a Bybit circuit breaker is open")
     circuit.add_metric([], 1 if (status.get("circuit") or {}).get("state") == "open" else 0)
     yield circuit
+    endpoints = GaugeMetricFamily(
+        "wsgateway_gateway_endpoint_circuit_open", "1 while the endpoint's circuit breaker is open", labels=["endpoint"]
+    )
+    for endpoint, state in (status.get("circuits") or {}).items():
+        endpoints.add_metric([endpoint], 1 if state.get("state") == "open" else 0)
+    yield endpoints
     connected = GaugeMetricFamily(
         "wsgateway_gateway_socket_connected", "1 while a Bybit socket is connected", labels=["socket", "category"]
     )
     topics = GaugeMetricFamily("wsgateway_gateway_socket_topics", "Topics live on a socket", labels=["socket"])
     reconnects = CounterMetricFamily("wsgateway_gateway_socket_reconnects", "Reconnects of a socket", labels=["socket"])
+    auth_failures = CounterMetricFamily(
+        "wsgateway_gateway_socket_auth_failures", "Auth requests Bybit refused on a socket", labels=["socket"]
+    )
     for socket in status.get("sockets", []):
         connected.add_metric([socket["name"], socket.get("category") or ""], 1 if socket["state"] == "connected" else 0)
         topics.add_metric([socket["name"]], socket.get("topics", 0))
         reconnects.add_metric([socket["name"]], socket.get("reconnects", 0))
-    yield from (connected, topics, reconnects)
+        if socket.get("category") == "private":
+            auth_failures.add_metric([socket["name"]], socket.get("auth_failures", 0))
+    yield from (connected, topics, reconnects, auth_failures)
 
 
 def queue_metrics() -> Iterator[Metric]:

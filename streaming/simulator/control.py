@@ -4,7 +4,8 @@ The API listens on its own port, one request per connection, JSON in and out:
 
     POST /control/orders {"symbol": "BTCUSDT", ...}   (also /executions /positions /wallet)
     POST /control/faults/drop {"abrupt": false}       POST /control/faults/stall {"seconds": 3}
-    POST /control/faults/refuse {"seconds": 3}        POST /control/faults/reject_auth {"on": true}
+    POST /control/faults/refuse {"seconds": 3, "path": "/v5/public/linear"}  (path optional: all by default)
+    POST /control/faults/reject_auth {"on": true}     POST /control/faults/ignore_requests {"seconds": 3}
     POST /control/faults/delay_pongs {"seconds": 1}   POST /control/faults/malformed {"kind": "invalid_json"}
     POST /control/faults/gap {"category": "linear", "topic": "orderbook.50.BTCUSDT"}
     POST /control/faults/restart_book {...same...}    GET /control/stats
@@ -48,8 +49,9 @@ class Control:
             "/control/wallet": lambda b: self.emit("wallet", **b),
             "/control/faults/drop": lambda b: self.drop_connections(bool(b.get("abrupt"))),
             "/control/faults/stall": lambda b: self.stall(float(b.get("seconds", 5))),
-            "/control/faults/refuse": lambda b: self.refuse(float(b.get("seconds", 5))),
+            "/control/faults/refuse": lambda b: self.refuse(float(b.get("seconds", 5)), str(b.get("path", ""))),
             "/control/faults/reject_auth": lambda b: self.reject_auth(bool(b.get("on", True))),
+            "/control/faults/ignore_requests": lambda b: self.ignore_requests(float(b.get("seconds", 5))),
             "/control/faults/delay_pongs": lambda b: self.delay_pongs(float(b.get("seconds", 1))),
             "/control/faults/malformed": lambda b: self.send_malformed(
                 b.get("kind", "invalid_json"), b.get("category")
@@ -114,9 +116,14 @@ class Control:
         """Send no data and answer no ping for `seconds`; connections stay open."""
         self.simulator.faults.stalled_until = time.monotonic() + seconds
 
-    async def refuse(self, seconds: float) -> None:
-        """Answer new connections with HTTP 503 for `seconds`."""
+    async def refuse(self, seconds: float, path: str = "") -> None:
+        """Answer new connections (to `path` only, if given) with HTTP 503 for `seconds`."""
         self.simulator.faults.refuse_until = time.monotonic() + seconds
+        self.simulator.faults.refuse_path = path
+
+    async def ignore_requests(self, seconds: float) -> None:
+        """Neither apply nor answer subscribe/unsubscribe requests for `seconds`; pings are still answered."""
+        self.simulator.faults.ignore_requests_until = time.monotonic() + seconds
 
     async def reject_auth(self, on: bool = True) -> None:
         self.simulator.faults.auth_rejected = on

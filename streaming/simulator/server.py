@@ -135,14 +135,19 @@ class Faults:
 
     stalled_until: float = 0.0  # monotonic time; no data and no pongs before it
     refuse_until: float = 0.0  # monotonic time; new connections get 503 before it
+    refuse_path: str = ""  # when set, only connections to this path are refused
+    ignore_requests_until: float = 0.0  # monotonic time; subscribe/unsubscribe go unanswered before it
     pong_delay: float = 0.0
     auth_rejected: bool = False
 
     def is_stalled(self) -> bool:
         return time.monotonic() < self.stalled_until
 
-    def is_refusing(self) -> bool:
-        return time.monotonic() < self.refuse_until
+    def is_refusing(self, path: str) -> bool:
+        return time.monotonic() < self.refuse_until and self.refuse_path in ("", path)
+
+    def is_ignoring_requests(self) -> bool:
+        return time.monotonic() < self.ignore_requests_until
 
 
 class Feed:
@@ -343,7 +348,7 @@ class Simulator:
     # WebSocket protocol.
 
     def process_request(self, connection: ServerConnection, request: Request) -> Response | None:
-        if self.faults.is_refusing():
+        if self.faults.is_refusing(request.path.split("?")[0]):
             self.refused += 1
             return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "refusing connections (simulated)\n")
         if request.path.split("?")[0] not in PUBLIC_PATHS and request.path.split("?")[0] != PRIVATE_PATH:
@@ -406,6 +411,8 @@ class Simulator:
         elif op == "auth" and client.category == "private":
             await self.reply(client, {**base, **self.authenticate(client, msg.get("args"))})
         elif op in ("subscribe", "unsubscribe"):
+            if self.faults.is_ignoring_requests():
+                return
             args = msg.get("args")
             if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
                 await self.reply(client, {"success": False, "ret_msg": RET_INVALID_OP, **base})
@@ -475,8 +482,8 @@ class Simulator:
     async def stall(self, seconds: float) -> None:
         await self.control.stall(seconds)
 
-    async def refuse(self, seconds: float) -> None:
-        await self.control.refuse(seconds)
+    async def refuse(self, seconds: float, path: str = "") -> None:
+        await self.control.refuse(seconds, path)
 
     async def reject_auth(self, on: bool = True) -> None:
         await self.control.reject_auth(on)

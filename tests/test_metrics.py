@@ -1,0 +1,31 @@
+"""/metrics from the gateway's status record: what a Prometheus dashboard and alert rules read."""
+
+from __future__ import annotations
+
+import time
+
+from streaming.monitoring.metrics import gateway_metrics
+
+
+def samples(status: dict) -> dict[tuple[str, tuple], float]:
+    families = gateway_metrics(status, time.time())
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value for family in families for s in family.samples}
+
+
+def test_each_endpoint_circuit_and_the_private_auth_refusals_are_exported() -> None:
+    linear, private = "wss://stream.bybit.com/v5/public/linear", "wss://stream.bybit.com/v5/private"
+    status = {
+        "updated_at": time.time(),
+        "circuit": {"state": "open", "endpoint": linear},
+        "circuits": {linear: {"state": "open"}, private: {"state": "closed"}},
+        "sockets": [
+            {"name": "linear-1", "category": "linear", "state": "waiting_circuit", "reconnects": 3},
+            {"name": "private-1", "category": "private", "state": "auth_failed", "auth_failures": 5},
+        ],
+    }
+    found = samples(status)
+    assert found[("wsgateway_gateway_circuit_open", ())] == 1  # the worst endpoint, as before
+    assert found[("wsgateway_gateway_endpoint_circuit_open", (("endpoint", linear),))] == 1
+    assert found[("wsgateway_gateway_endpoint_circuit_open", (("endpoint", private),))] == 0
+    assert found[("wsgateway_gateway_socket_auth_failures_total", (("socket", "private-1"),))] == 5
+    assert ("wsgateway_gateway_socket_auth_failures_total", (("socket", "linear-1"),)) not in found
