@@ -6,12 +6,17 @@ reads (README "Event contract"): `id` (dedupe key), `class`, `topic`, `category`
 and `data` exactly as Bybit sent it (for private topics: one item of Bybit's `data` list).
 With market state on, order books add `consistent` (and `gap` when a `u` was skipped) and
 tickers add `merged`, the complete ticker after Bybit's delta was applied.
+
+Private ids come from the item's content (`private_id`), so an owner, its standby, a restart
+or a back-fill give one Bybit event one id; market ids are `<run>-<frame>-<item>`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from decimal import InvalidOperation
 from typing import Any
@@ -37,6 +42,7 @@ class Event:
     private: bool
     bybit_topic: str
     received_ts: int
+    epoch: int = 0  # the fencing epoch of the lease it was read under (streaming.lock)
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,14 +79,15 @@ Frame = ControlReply | Malformed | DataFrame
 
 
 class Envelopes:
-    """Turns frames into events; owns the id counter so ids are unique within a run."""
+    """Turns frames into events; owns the frame counter behind trace ids and market ids."""
 
     def __init__(self, run_id: str | None = None, state: MarketState | None = None) -> None:
-        # Ids are `<run>-<frame>-<item>`: unique across restarts, cheap to make, and the same
-        # when an unconfirmed event is re-published, so consumers can dedupe on `id`.
+        # Market ids are `<run>-<frame>-<item>`: unique across restarts, cheap to make, and the
+        # same when an unconfirmed event is re-published, so consumers can dedupe on `id`.
         self.run_id = run_id or os.urandom(6).hex()
         self.frame_no = 0
         self.state = state
+        self.epoch = 0  # set by the gateway from its lease
 
     def handle(self, raw: str | bytes, category: str) -> Frame:
         """Classify and wrap one frame received on a socket of `category` ("private" for the private one)."""
@@ -147,7 +154,9 @@ class Envelopes:
             event_id, spec.event_class, topic, category, symbol, kind, msg.get("ts"), received_ts, trace_id
         )
         body = orjson.dumps({**head, "u": u, "seq": seq, "cts": msg.get("cts"), "data": data, **state})
-        frame.events.append(Event(event_id, trace_id, spec.event_class, routing_key, body, False, topic, received_ts))
+        frame.events.append(
+            Event(event_id, trace_id, spec.event_class, routing_key, body, False, topic, received_ts, self.epoch)
+        )
         return frame
 
     def private_frame(self, msg: dict[str, Any], topic: str, trace_id: str, received_ts: int) -> Frame:
@@ -158,8 +167,9 @@ class Envelopes:
         if not isinstance(items, list):
             return Malformed("private data is not a list", topic)
         exchange_ts = msg.get("creationTime")
+        make_id = PRIVATE_IDS[spec.event_class]
         events = []
-        for index, item in enumerate(items):
+        for item in items:
             if not isinstance(item, dict):
                 return Malformed("private item is not an object", topic)
             if spec.event_class == "balance":
@@ -170,13 +180,15 @@ class Envelopes:
                 routing_key = f"{spec.event_class}.{category}.{symbol}"
             if not isinstance(symbol, str) or not symbol or not isinstance(category, str):
                 return Malformed("private item without category, symbol or accountType", topic)
-            event_id = f"{trace_id}-{index}"
+            event_id = make_id(item, exchange_ts)
             head = envelope_head(
                 event_id, spec.event_class, topic, category, symbol, "snapshot", exchange_ts, received_ts, trace_id
             )
             body = orjson.dumps({**head, "u": None, "seq": item.get("seq"), "cts": None, "bybit_id": msg.get("id"),
                                  "data": item})  # fmt: skip
-            events.append(Event(event_id, trace_id, spec.event_class, routing_key, body, True, topic, received_ts))
+            events.append(
+                Event(event_id, trace_id, spec.event_class, routing_key, body, True, topic, received_ts, self.epoch)
+            )
         return DataFrame(topic, msg, spec.event_class, "private", events=events)
 
 
@@ -211,3 +223,47 @@ def private_channel(topic: str) -> Channel | None:
     if spec is None or not spec.private or (suffix and suffix not in PRIVATE_SUFFIXES):
         return None
     return spec
+
+
+def content_hash(value: Any) -> str:
+    """A short hash of canonical JSON: equal for equal content, whatever the key order."""
+    return hashlib.blake2b(orjson.dumps(value, option=orjson.OPT_SORT_KEYS), digest_size=8).hexdigest()
+
+
+def joined_id(prefix: str, item: dict[str, Any], *parts: Any) -> str:
+    """`<prefix>:<part>:...`, or `<prefix>:hash:<content hash>` when a part is missing."""
+    if any(part is None or part == "" for part in parts):
+        return f"{prefix}:hash:{content_hash(item)}"
+    return ":".join((prefix, *map(str, parts)))
+
+
+def execution_id(item: dict[str, Any], creation_time: Any) -> str:
+    return joined_id("exec", item, item.get("execId"))
+
+
+def order_id(item: dict[str, Any], creation_time: Any) -> str:
+    # One order has many updates: its id names the state (time, status, filled quantity).
+    return joined_id(
+        "order", item, item.get("orderId"), item.get("updatedTime"), item.get("orderStatus"), item.get("cumExecQty")
+    )
+
+
+def position_id(item: dict[str, Any], creation_time: Any) -> str:
+    return joined_id(
+        "position", item, item.get("category"), item.get("symbol"), item.get("positionIdx"), item.get("seq")
+    )
+
+
+def wallet_id(item: dict[str, Any], creation_time: Any) -> str:
+    # Two updates of one account in the same millisecond must not share an id (a consumer
+    # would drop the second): the coin list's hash tells them apart.
+    coins = item.get("coin")
+    return joined_id("wallet", item, item.get("accountType"), creation_time, content_hash(coins) if coins else None)
+
+
+PRIVATE_IDS: dict[str, Callable[[dict[str, Any], Any], str]] = {
+    "execution": execution_id,
+    "order": order_id,
+    "position": position_id,
+    "balance": wallet_id,
+}

@@ -62,6 +62,7 @@ def status_record(gw: Gateway) -> dict[str, Any]:
         "updated_at": time.time(),
         "started_at": gw.started_at,
         "state": gw.state,
+        "epoch": gw.lock.epoch,
         "circuit": gw.breaker.snapshot(),
         "sockets": [s.snapshot() for s in gw.sockets.values()],
         "publisher": {

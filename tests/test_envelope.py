@@ -101,3 +101,75 @@ def test_malformed_public_frames_are_named(raw: str | bytes, reason: str) -> Non
 def test_malformed_private_frames_publish_nothing(frame: dict, reason: str) -> None:
     result = Envelopes("r").handle(orjson.dumps(frame).decode(), "private")
     assert isinstance(result, Malformed) and result.reason == reason
+
+
+PRIVATE_FRAMES = [
+    {"id": "e1", "topic": "execution", "creationTime": 1700000000001, "data": [
+        {"category": "linear", "symbol": "BTCUSDT", "execId": "x-1", "orderId": "o-1", "execQty": "0.01"},
+        {"category": "spot", "symbol": "ETHUSDT", "execId": "x-2", "orderId": "o-2", "execQty": "1"},
+    ]},
+    {"id": "o1", "topic": "order", "creationTime": 1700000000002, "data": [
+        {"category": "linear", "symbol": "BTCUSDT", "orderId": "o-1", "updatedTime": "1700000000000",
+         "orderStatus": "PartiallyFilled", "cumExecQty": "0.01"},
+    ]},
+    {"id": "p1", "topic": "position", "creationTime": 1700000000003, "data": [
+        {"category": "linear", "symbol": "BTCUSDT", "positionIdx": 0, "seq": 42, "size": "0.01"},
+    ]},
+    {"id": "w1", "topic": "wallet", "creationTime": 1700000000004, "data": [
+        {"accountType": "UNIFIED", "coin": [{"coin": "USDT", "walletBalance": "1"}]},
+    ]},
+]  # fmt: skip
+
+
+def private_ids(envelopes: Envelopes, frame: dict) -> list[str]:
+    result = envelopes.handle(orjson.dumps(frame).decode(), "private")
+    assert isinstance(result, DataFrame), result
+    ids = [orjson.loads(e.body)["id"] for e in result.events]
+    assert ids == [e.id for e in result.events]  # the AMQP message_id is the envelope's id
+    return ids
+
+
+def test_private_ids_come_from_content_so_two_instances_agree() -> None:
+    """An owner and its standby (or a restart) give one Bybit event one id: consumers dedupe on it."""
+    owner, standby = Envelopes("owner-run"), Envelopes("standby-run")
+    standby.handle('{"topic": "publicTrade.BTCUSDT", "ts": 1, "data": [{}]}', "linear")  # its frame count differs
+    for frame in PRIVATE_FRAMES:
+        assert private_ids(owner, frame) == private_ids(standby, frame)
+
+
+def test_private_ids_name_the_fields_bybit_identifies_events_by() -> None:
+    ids = [i for frame in PRIVATE_FRAMES for i in private_ids(Envelopes("r"), frame)]
+    assert ids[:4] == [
+        "exec:x-1",
+        "exec:x-2",
+        "order:o-1:1700000000000:PartiallyFilled:0.01",
+        "position:linear:BTCUSDT:0:42",
+    ]
+    assert ids[4].startswith("wallet:UNIFIED:1700000000004:")
+
+
+def test_a_new_state_of_the_same_order_gets_a_new_id() -> None:
+    first, filled = (
+        {"category": "linear", "symbol": "BTCUSDT", "orderId": "o-1", "updatedTime": t, "orderStatus": s,
+         "cumExecQty": q}
+        for t, s, q in (("1", "New", "0"), ("2", "Filled", "0.01"))
+    )  # fmt: skip
+    envelopes = Envelopes("r")
+    ids = [private_ids(envelopes, {"topic": "order", "data": [item]}) for item in (first, filled, first)]
+    assert ids[0] != ids[1] and ids[0] == ids[2]
+
+
+def test_wallet_updates_in_the_same_millisecond_keep_distinct_ids() -> None:
+    frames = [
+        {"topic": "wallet", "creationTime": 5, "data": [{"accountType": "UNIFIED", "coin": [{"coin": c}]}]}
+        for c in ("USDT", "BTC")
+    ]
+    first, second = (private_ids(Envelopes("r"), f) for f in frames)
+    assert first != second
+
+
+def test_private_items_without_id_fields_get_a_content_hash_not_a_run_id() -> None:
+    frame = {"topic": "execution", "data": [{"category": "linear", "symbol": "BTCUSDT", "execQty": "1"}]}
+    (first,) = private_ids(Envelopes("one"), frame)
+    (second,) = private_ids(Envelopes("two"), {**frame, "data": [dict(reversed(frame["data"][0].items()))]})
+    assert first == second and "one" not in first
