@@ -28,6 +28,9 @@ from subscriptions.topics import CHANNEL_BY_BYBIT, Channel
 
 # Per-category private topics ("order.linear") route like their plain form.
 PRIVATE_SUFFIXES = ("spot", "linear", "inverse", "option", "fast")
+# A private item without the fields its routing key needs goes to `<class>.unknown`, which every
+# queue of its class receives through its `<class>.#` binding (docs/gateway.md, quarantine).
+QUARANTINE_SUFFIX = ".unknown"
 
 
 @dataclass(slots=True)
@@ -60,6 +63,16 @@ class Malformed:
     topic: str = ""
 
 
+@dataclass(frozen=True, slots=True)
+class Quarantined:
+    """A private item that could not be routed, and why; it is published to `<class>.unknown`."""
+
+    reason: str
+    field: str  # the missing field, "item" (not an object) or "data" (not a list)
+    item: Any
+    index: int = 0  # in Bybit's `data` list
+
+
 @dataclass(slots=True)
 class DataFrame:
     """A data frame of one topic and the events it became."""
@@ -73,6 +86,7 @@ class DataFrame:
     events: list[Event] = field(default_factory=list)
     gap: bool = False  # an order-book `u` was skipped: the topic needs a fresh snapshot
     merged: dict[str, Any] | None = None  # the complete ticker
+    quarantined: tuple[Quarantined, ...] = ()  # private items published to `<class>.unknown`
 
 
 Frame = ControlReply | Malformed | DataFrame
@@ -160,36 +174,75 @@ class Envelopes:
         return frame
 
     def private_frame(self, msg: dict[str, Any], topic: str, trace_id: str, received_ts: int) -> Frame:
+        """One event per item of Bybit's list; an item that cannot be routed is quarantined, never dropped."""
         spec = private_channel(topic)
         if spec is None:
             return Malformed("unknown topic", topic)
+        event_class = spec.event_class
         items = msg.get("data")
         if not isinstance(items, list):
-            return Malformed("private data is not a list", topic)
+            bad = Quarantined(f"{event_class} data is not a list", "data", items)
+            event = self.quarantine(bad, event_class, topic, msg, trace_id, received_ts)
+            return DataFrame(topic, {**msg, "data": []}, event_class, "private", events=[event], quarantined=(bad,))
         exchange_ts = msg.get("creationTime")
-        make_id = PRIVATE_IDS[spec.event_class]
+        make_id = PRIVATE_IDS[event_class]
+        balance = event_class == "balance"
         events = []
-        for item in items:
+        quarantined: list[Quarantined] = []
+        for index, item in enumerate(items):
             if not isinstance(item, dict):
-                return Malformed("private item is not an object", topic)
-            if spec.event_class == "balance":
+                missing = "item"
+            elif balance:
                 category, symbol = "", item.get("accountType")
-                routing_key = f"balance.{symbol}"
+                missing = "" if isinstance(symbol, str) and symbol else "accountType"
             else:
                 category, symbol = item.get("category"), item.get("symbol")
-                routing_key = f"{spec.event_class}.{category}.{symbol}"
-            if not isinstance(symbol, str) or not symbol or not isinstance(category, str):
-                return Malformed("private item without category, symbol or accountType", topic)
+                if not isinstance(category, str) or not category:
+                    missing = "category"
+                elif not isinstance(symbol, str) or not symbol:
+                    missing = "symbol"
+                else:
+                    missing = ""
+            if missing:
+                reason = (
+                    f"{event_class} item is not an object"
+                    if missing == "item"
+                    else f"{event_class} item without {missing}"
+                )
+                bad = Quarantined(reason, missing, item, index)
+                quarantined.append(bad)
+                events.append(self.quarantine(bad, event_class, topic, msg, trace_id, received_ts))
+                continue
             event_id = make_id(item, exchange_ts)
+            routing_key = f"balance.{symbol}" if balance else f"{event_class}.{category}.{symbol}"
             head = envelope_head(
-                event_id, spec.event_class, topic, category, symbol, "snapshot", exchange_ts, received_ts, trace_id
+                event_id, event_class, topic, category, symbol, "snapshot", exchange_ts, received_ts, trace_id
             )
             body = orjson.dumps({**head, "u": None, "seq": item.get("seq"), "cts": None, "bybit_id": msg.get("id"),
                                  "data": item})  # fmt: skip
             events.append(
-                Event(event_id, trace_id, spec.event_class, routing_key, body, True, topic, received_ts, self.epoch)
+                Event(event_id, trace_id, event_class, routing_key, body, True, topic, received_ts, self.epoch)
             )
-        return DataFrame(topic, msg, spec.event_class, "private", events=events)
+        if quarantined:
+            # Market state (the balance writer) reads `parsed`: it sees only the items that were routed.
+            bad_indexes = {q.index for q in quarantined}
+            parsed = {**msg, "data": [item for index, item in enumerate(items) if index not in bad_indexes]}
+            return DataFrame(topic, parsed, event_class, "private", events=events, quarantined=tuple(quarantined))
+        return DataFrame(topic, msg, event_class, "private", events=events)
+
+    def quarantine(
+        self, bad: Quarantined, event_class: str, topic: str, msg: dict[str, Any], trace_id: str, received_ts: int
+    ) -> Event:
+        """The event of an item that cannot be routed: `<class>.unknown`, its data as Bybit sent it, persistent."""
+        event_id = f"{event_class}:unknown:{content_hash(bad.item)}"
+        exchange_ts = msg.get("creationTime")
+        head = envelope_head(event_id, event_class, topic, "", "", "snapshot", exchange_ts, received_ts, trace_id)
+        body = orjson.dumps({**head, "u": None, "seq": None, "cts": None, "bybit_id": msg.get("id"),
+                             "quarantine": {"reason": bad.reason, "field": bad.field}, "data": bad.item})  # fmt: skip
+        return Event(
+            event_id, trace_id, event_class, f"{event_class}{QUARANTINE_SUFFIX}", body, True, topic, received_ts,
+            self.epoch,
+        )  # fmt: skip
 
 
 def envelope_head(

@@ -176,6 +176,8 @@ class Gateway:
             by_key[event.routing_key] += 1
         self.publisher.kick()
         counters.events_out += len(frame.events)
+        if frame.quarantined:
+            counters.count_quarantined(frame, sock.name)
         self.reconciler.seen[(sock.category, frame.topic)] = time.time()
         if frame.event_class in MARKET_STATE_CLASSES and self.market.keep(frame):
             if self.throttle.allow(f"gap:{frame.topic}") is not None:

@@ -89,18 +89,41 @@ def test_malformed_public_frames_are_named(raw: str | bytes, reason: str) -> Non
     assert isinstance(result, Malformed) and result.reason == reason
 
 
+def test_a_private_frame_on_an_unknown_topic_is_malformed() -> None:
+    result = Envelopes("r").handle(orjson.dumps({"topic": "publicTrade.BTCUSDT", "data": []}).decode(), "private")
+    assert isinstance(result, Malformed) and result.reason == "unknown topic"
+
+
 @pytest.mark.parametrize(
-    ("frame", "reason"),
+    ("frame", "reason", "field"),
     [
-        ({"topic": "order", "data": {"x": 1}}, "private data is not a list"),
-        ({"topic": "order", "data": [{"symbol": "BTCUSDT"}]}, "private item without category, symbol or accountType"),
-        ({"topic": "order", "data": ["x"]}, "private item is not an object"),
-        ({"topic": "publicTrade.BTCUSDT", "data": []}, "unknown topic"),
+        ({"topic": "order", "data": {"x": 1}}, "order data is not a list", "data"),
+        ({"topic": "order", "data": [{"symbol": "BTCUSDT"}]}, "order item without category", "category"),
+        ({"topic": "order", "data": [{"category": "linear", "symbol": ""}]}, "order item without symbol", "symbol"),
+        ({"topic": "order", "data": ["x"]}, "order item is not an object", "item"),
+        ({"topic": "wallet", "data": [{"coin": []}]}, "balance item without accountType", "accountType"),
     ],
 )
-def test_malformed_private_frames_publish_nothing(frame: dict, reason: str) -> None:
+def test_a_private_item_that_cannot_be_routed_is_quarantined_whole(frame: dict, reason: str, field: str) -> None:
     result = Envelopes("r").handle(orjson.dumps(frame).decode(), "private")
-    assert isinstance(result, Malformed) and result.reason == reason
+    assert isinstance(result, DataFrame)
+    (bad,) = result.quarantined
+    assert (bad.reason, bad.field) == (reason, field)
+    (event,) = result.events
+    body = orjson.loads(event.body)
+    assert event.routing_key == f"{result.event_class}.unknown" and event.private
+    assert body["quarantine"] == {"reason": reason, "field": field}
+    assert body["data"] == (frame["data"][0] if isinstance(frame["data"], list) else frame["data"])
+    assert event.id == body["id"] and event.id.startswith(f"{result.event_class}:unknown:")
+
+
+def test_one_bad_item_leaves_its_siblings_routed_and_market_state_sees_only_them() -> None:
+    good = [{"accountType": "UNIFIED", "coin": []}, {"accountType": "CONTRACT", "coin": []}]
+    frame = {"topic": "wallet", "creationTime": 1, "data": [good[0], {"coin": []}, good[1]]}
+    result = Envelopes("r").handle(orjson.dumps(frame).decode(), "private")
+    assert [e.routing_key for e in result.events] == ["balance.UNIFIED", "balance.unknown", "balance.CONTRACT"]
+    assert [q.index for q in result.quarantined] == [1]
+    assert result.parsed["data"] == good
 
 
 PRIVATE_FRAMES = [
