@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
+
 import orjson
-from structlog.testing import capture_logs
+import pytest
 
 from streaming.envelope import DataFrame, Envelopes, Malformed
 from streaming.status import Counters
@@ -16,13 +18,15 @@ def quarantining(frame: dict) -> DataFrame:
     return result
 
 
-def test_each_reason_gets_its_line_and_held_repeats_are_reported_when_their_window_ends() -> None:
+def test_each_reason_gets_its_line_and_held_repeats_are_reported_when_their_window_ends(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     now = [0.0]
     counters = Counters()
     counters.throttle = LogThrottle(interval=10, clock=lambda: now[0])
     order = quarantining({"topic": "order", "data": [{"symbol": "BTCUSDT", "orderId": "1"}]})
     wallet = quarantining({"topic": "wallet", "data": [{"coin": []}]})
-    with capture_logs() as logs:
+    with caplog.at_level(logging.WARNING, logger="streaming.status"):
         counters.count_quarantined(order, "private-1")
         counters.count_quarantined(wallet, "private-1")  # another reason in the same window: its own line
         counters.count_quarantined(wallet, "private-1")  # held
@@ -31,6 +35,7 @@ def test_each_reason_gets_its_line_and_held_repeats_are_reported_when_their_wind
         counters.report_suppressed()
         now[0] = 10.5
         counters.report_suppressed()  # no later wallet line came: the held one is reported now
+    logs = [r.msg for r in caplog.records if isinstance(r.msg, dict)]
     lines = [(line["event"], line["reason"]) for line in logs]
     assert lines == [
         ("bybit.item_quarantined", "order item without category"),
