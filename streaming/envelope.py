@@ -6,12 +6,17 @@ reads (README "Event contract"): `id` (dedupe key), `class`, `topic`, `category`
 and `data` exactly as Bybit sent it (for private topics: one item of Bybit's `data` list).
 With market state on, order books add `consistent` (and `gap` when a `u` was skipped) and
 tickers add `merged`, the complete ticker after Bybit's delta was applied.
+
+Private ids come from the item's content (`private_id`), so an owner, its standby, a restart
+or a back-fill give one Bybit event one id; market ids are `<run>-<frame>-<item>`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from decimal import InvalidOperation
 from typing import Any
@@ -23,6 +28,9 @@ from subscriptions.topics import CHANNEL_BY_BYBIT, Channel
 
 # Per-category private topics ("order.linear") route like their plain form.
 PRIVATE_SUFFIXES = ("spot", "linear", "inverse", "option", "fast")
+# A private item without the fields its routing key needs goes to `<class>.unknown`, which every
+# queue of its class receives through its `<class>.#` binding (docs/gateway.md, quarantine).
+QUARANTINE_SUFFIX = ".unknown"
 
 
 @dataclass(slots=True)
@@ -37,6 +45,7 @@ class Event:
     private: bool
     bybit_topic: str
     received_ts: int
+    epoch: int = 0  # the fencing epoch of the lease it was read under (streaming.lock)
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +63,16 @@ class Malformed:
     topic: str = ""
 
 
+@dataclass(frozen=True, slots=True)
+class Quarantined:
+    """A private item that could not be routed, and why; it is published to `<class>.unknown`."""
+
+    reason: str
+    field: str  # the missing field, "item" (not an object) or "data" (not a list)
+    item: Any
+    index: int = 0  # in Bybit's `data` list
+
+
 @dataclass(slots=True)
 class DataFrame:
     """A data frame of one topic and the events it became."""
@@ -67,20 +86,22 @@ class DataFrame:
     events: list[Event] = field(default_factory=list)
     gap: bool = False  # an order-book `u` was skipped: the topic needs a fresh snapshot
     merged: dict[str, Any] | None = None  # the complete ticker
+    quarantined: tuple[Quarantined, ...] = ()  # private items published to `<class>.unknown`
 
 
 Frame = ControlReply | Malformed | DataFrame
 
 
 class Envelopes:
-    """Turns frames into events; owns the id counter so ids are unique within a run."""
+    """Turns frames into events; owns the frame counter behind trace ids and market ids."""
 
     def __init__(self, run_id: str | None = None, state: MarketState | None = None) -> None:
-        # Ids are `<run>-<frame>-<item>`: unique across restarts, cheap to make, and the same
-        # when an unconfirmed event is re-published, so consumers can dedupe on `id`.
+        # Market ids are `<run>-<frame>-<item>`: unique across restarts, cheap to make, and the
+        # same when an unconfirmed event is re-published, so consumers can dedupe on `id`.
         self.run_id = run_id or os.urandom(6).hex()
         self.frame_no = 0
         self.state = state
+        self.epoch = 0  # set by the gateway from its lease
 
     def handle(self, raw: str | bytes, category: str) -> Frame:
         """Classify and wrap one frame received on a socket of `category` ("private" for the private one)."""
@@ -147,37 +168,81 @@ class Envelopes:
             event_id, spec.event_class, topic, category, symbol, kind, msg.get("ts"), received_ts, trace_id
         )
         body = orjson.dumps({**head, "u": u, "seq": seq, "cts": msg.get("cts"), "data": data, **state})
-        frame.events.append(Event(event_id, trace_id, spec.event_class, routing_key, body, False, topic, received_ts))
+        frame.events.append(
+            Event(event_id, trace_id, spec.event_class, routing_key, body, False, topic, received_ts, self.epoch)
+        )
         return frame
 
     def private_frame(self, msg: dict[str, Any], topic: str, trace_id: str, received_ts: int) -> Frame:
+        """One event per item of Bybit's list; an item that cannot be routed is quarantined, never dropped."""
         spec = private_channel(topic)
         if spec is None:
             return Malformed("unknown topic", topic)
+        event_class = spec.event_class
         items = msg.get("data")
         if not isinstance(items, list):
-            return Malformed("private data is not a list", topic)
+            bad = Quarantined(f"{event_class} data is not a list", "data", items)
+            event = self.quarantine(bad, event_class, topic, msg, trace_id, received_ts)
+            return DataFrame(topic, {**msg, "data": []}, event_class, "private", events=[event], quarantined=(bad,))
         exchange_ts = msg.get("creationTime")
+        make_id = PRIVATE_IDS[event_class]
+        balance = event_class == "balance"
         events = []
+        quarantined: list[Quarantined] = []
         for index, item in enumerate(items):
             if not isinstance(item, dict):
-                return Malformed("private item is not an object", topic)
-            if spec.event_class == "balance":
+                missing = "item"
+            elif balance:
                 category, symbol = "", item.get("accountType")
-                routing_key = f"balance.{symbol}"
+                missing = "" if isinstance(symbol, str) and symbol else "accountType"
             else:
                 category, symbol = item.get("category"), item.get("symbol")
-                routing_key = f"{spec.event_class}.{category}.{symbol}"
-            if not isinstance(symbol, str) or not symbol or not isinstance(category, str):
-                return Malformed("private item without category, symbol or accountType", topic)
-            event_id = f"{trace_id}-{index}"
+                if not isinstance(category, str) or not category:
+                    missing = "category"
+                elif not isinstance(symbol, str) or not symbol:
+                    missing = "symbol"
+                else:
+                    missing = ""
+            if missing:
+                reason = (
+                    f"{event_class} item is not an object"
+                    if missing == "item"
+                    else f"{event_class} item without {missing}"
+                )
+                bad = Quarantined(reason, missing, item, index)
+                quarantined.append(bad)
+                events.append(self.quarantine(bad, event_class, topic, msg, trace_id, received_ts))
+                continue
+            event_id = make_id(item, exchange_ts)
+            routing_key = f"balance.{symbol}" if balance else f"{event_class}.{category}.{symbol}"
             head = envelope_head(
-                event_id, spec.event_class, topic, category, symbol, "snapshot", exchange_ts, received_ts, trace_id
+                event_id, event_class, topic, category, symbol, "snapshot", exchange_ts, received_ts, trace_id
             )
             body = orjson.dumps({**head, "u": None, "seq": item.get("seq"), "cts": None, "bybit_id": msg.get("id"),
                                  "data": item})  # fmt: skip
-            events.append(Event(event_id, trace_id, spec.event_class, routing_key, body, True, topic, received_ts))
-        return DataFrame(topic, msg, spec.event_class, "private", events=events)
+            events.append(
+                Event(event_id, trace_id, event_class, routing_key, body, True, topic, received_ts, self.epoch)
+            )
+        if quarantined:
+            # Market state (the balance writer) reads `parsed`: it sees only the items that were routed.
+            bad_indexes = {q.index for q in quarantined}
+            parsed = {**msg, "data": [item for index, item in enumerate(items) if index not in bad_indexes]}
+            return DataFrame(topic, parsed, event_class, "private", events=events, quarantined=tuple(quarantined))
+        return DataFrame(topic, msg, event_class, "private", events=events)
+
+    def quarantine(
+        self, bad: Quarantined, event_class: str, topic: str, msg: dict[str, Any], trace_id: str, received_ts: int
+    ) -> Event:
+        """The event of an item that cannot be routed: `<class>.unknown`, its data as Bybit sent it, persistent."""
+        event_id = f"{event_class}:unknown:{content_hash(bad.item)}"
+        exchange_ts = msg.get("creationTime")
+        head = envelope_head(event_id, event_class, topic, "", "", "snapshot", exchange_ts, received_ts, trace_id)
+        body = orjson.dumps({**head, "u": None, "seq": None, "cts": None, "bybit_id": msg.get("id"),
+                             "quarantine": {"reason": bad.reason, "field": bad.field}, "data": bad.item})  # fmt: skip
+        return Event(
+            event_id, trace_id, event_class, f"{event_class}{QUARANTINE_SUFFIX}", body, True, topic, received_ts,
+            self.epoch,
+        )  # fmt: skip
 
 
 def envelope_head(
@@ -211,3 +276,47 @@ def private_channel(topic: str) -> Channel | None:
     if spec is None or not spec.private or (suffix and suffix not in PRIVATE_SUFFIXES):
         return None
     return spec
+
+
+def content_hash(value: Any) -> str:
+    """A short hash of canonical JSON: equal for equal content, whatever the key order."""
+    return hashlib.blake2b(orjson.dumps(value, option=orjson.OPT_SORT_KEYS), digest_size=8).hexdigest()
+
+
+def joined_id(prefix: str, item: dict[str, Any], *parts: Any) -> str:
+    """`<prefix>:<part>:...`, or `<prefix>:hash:<content hash>` when a part is missing."""
+    if any(part is None or part == "" for part in parts):
+        return f"{prefix}:hash:{content_hash(item)}"
+    return ":".join((prefix, *map(str, parts)))
+
+
+def execution_id(item: dict[str, Any], creation_time: Any) -> str:
+    return joined_id("exec", item, item.get("execId"))
+
+
+def order_id(item: dict[str, Any], creation_time: Any) -> str:
+    # One order has many updates: its id names the state (time, status, filled quantity).
+    return joined_id(
+        "order", item, item.get("orderId"), item.get("updatedTime"), item.get("orderStatus"), item.get("cumExecQty")
+    )
+
+
+def position_id(item: dict[str, Any], creation_time: Any) -> str:
+    return joined_id(
+        "position", item, item.get("category"), item.get("symbol"), item.get("positionIdx"), item.get("seq")
+    )
+
+
+def wallet_id(item: dict[str, Any], creation_time: Any) -> str:
+    # Two updates of one account in the same millisecond must not share an id (a consumer
+    # would drop the second): the coin list's hash tells them apart.
+    coins = item.get("coin")
+    return joined_id("wallet", item, item.get("accountType"), creation_time, content_hash(coins) if coins else None)
+
+
+PRIVATE_IDS: dict[str, Callable[[dict[str, Any], Any], str]] = {
+    "execution": execution_id,
+    "order": order_id,
+    "position": position_id,
+    "balance": wallet_id,
+}

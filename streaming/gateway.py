@@ -111,6 +111,10 @@ class GatewayConfig:
     def lock_key(self) -> str:
         return f"{self.redis_prefix}gateway:lock"
 
+    @property
+    def epoch_key(self) -> str:
+        return f"{self.redis_prefix}gateway:epoch"
+
 
 def database_conninfo(db: dict[str, Any]) -> str:
     """A libpq connection string from Django's database settings."""
@@ -129,7 +133,7 @@ class Gateway:
         self.handoff = Handoff(config.handoff_size, config.backpressure_at, config.max_read_pause)
         self.publisher = Publisher(config.rabbitmq_url, self.handoff, window=config.confirm_window)
         self.redis = aioredis.from_url(config.redis_url, socket_timeout=2, socket_connect_timeout=2)
-        self.lock = OwnerLock(self.redis, config.lock_key, config.lock_ttl)
+        self.lock = OwnerLock(self.redis, config.lock_key, config.epoch_key, config.lock_ttl)
         self.status_writer = StatusWriter(self.redis, config.status_key, config.status_interval)
         self.cache = LastValueCache(self.redis, config.redis_prefix, config.lvc_book_depth, config.lvc_interval)
         self.balances = BalanceWriter(config.database_conninfo)
@@ -144,6 +148,8 @@ class Gateway:
         self.stop_event = asyncio.Event()
         self.loop: asyncio.AbstractEventLoop | None = None
         self.nudges: NudgeListener | None = None
+        self.publishing: asyncio.Task[None] | None = None
+        self.serve_until: float | None = None  # monotonic: publish nothing after it (the lease is ending)
         self.state = "starting"
         self.exit_code = 0
         self.started_at = time.time()
@@ -171,6 +177,8 @@ class Gateway:
             by_key[event.routing_key] += 1
         self.publisher.kick()
         counters.events_out += len(frame.events)
+        if frame.quarantined:
+            counters.count_quarantined(frame, sock.name)
         self.reconciler.seen[(sock.category, frame.topic)] = time.time()
         if frame.event_class in MARKET_STATE_CLASSES and self.market.keep(frame):
             if self.throttle.allow(f"gap:{frame.topic}") is not None:
@@ -235,10 +243,30 @@ class Gateway:
     def status(self) -> dict[str, Any]:
         return status_record(self)
 
+    def new_epoch(self, epoch: int) -> None:
+        """Events read from now on carry this lease's fencing epoch."""
+        self.envelopes.epoch = epoch
+
     async def hold_lock(self) -> None:
-        if not await self.lock.hold(self.stop_event):
-            self.exit_code = 3
-            self.stop_event.set()
+        """Keep the lease; when it is lost or fenced, stop, and publish nothing once a standby may own it."""
+        outcome = await self.lock.hold(self.stop_event, self.new_epoch)
+        if outcome == "stopped":
+            return
+        # Lost: another instance owns the lock already. Fenced: it may, from the TTL's end on.
+        self.serve_until = time.monotonic() if outcome == "lost" else self.lock.serve_until
+        assert self.loop is not None
+        self.loop.call_later(max(0.0, self.serve_until - time.monotonic()), self.stop_publishing)
+        self.exit_code = 3
+        self.stop_event.set()
+
+    def stop_publishing(self) -> None:
+        """End the publisher at once, whatever is unconfirmed: shutdown reports what was left."""
+        if self.publishing is not None and not self.publishing.done():
+            self.publishing.cancel()
+            self.publisher.close()
+            log.warning(
+                "gateway.publishing_stopped", in_flight=self.publisher.in_flight, handoff_depth=len(self.handoff)
+            )
 
     async def run(self) -> int:
         """Serve until `stop_event` is set; return the process exit code."""
@@ -247,9 +275,10 @@ class Gateway:
         if not await self.lock.wait(self.stop_event):
             await self.redis.aclose()
             return 0
+        self.new_epoch(self.lock.epoch)
         self.state = "running"
         publisher_stop = asyncio.Event()
-        publishing = self.start(self.publisher.run(publisher_stop), "publisher")
+        self.publishing = publishing = self.start(self.publisher.run(publisher_stop), "publisher")
         self.nudges = NudgeListener(self.config.rabbitmq_url, self.nudge)
         self.nudges.thread.start()
         log.info(
@@ -284,7 +313,10 @@ class Gateway:
         await asyncio.wait(writers, timeout=2)  # they end on stop_event after a last flush
         await asyncio.gather(*loops, return_exceptions=True)
         await asyncio.gather(*(self.close_socket(name) for name in list(self.sockets)), return_exceptions=True)
-        flushed = await self.publisher.flush(max(0.5, deadline - time.monotonic() - 0.5))
+        budget = max(0.5, deadline - time.monotonic() - 0.5)
+        if self.serve_until is not None:
+            budget = self.serve_until - time.monotonic()
+        flushed = await self.publisher.flush(budget)
         publisher_stop.set()
         self.publisher.close()
         await asyncio.wait({publishing}, timeout=0.5)
@@ -295,8 +327,8 @@ class Gateway:
         await self.reconciler.finish(max(0.1, deadline - time.monotonic() - 0.3))
         self.state = "stopped"
         try:
-            await self.status_writer.write(self.status())
-            if self.exit_code != 3:
+            if self.exit_code != 3:  # else the lock and the status record are the next owner's
+                await self.status_writer.write(self.status())
                 await self.lock.release()
         except (aioredis.RedisError, OSError):
             pass

@@ -73,7 +73,8 @@ def encode_publish(channel_id: int, exchange: bytes, event: Event, frame_max: in
     klass = event.event_class.encode()
     table = (
         b"\x08trace_idS" + struct.pack(">I", len(trace)) + trace + b"\x05classS" + struct.pack(">I", len(klass)) + klass
-    )
+        + b"\x05epochl" + struct.pack(">q", event.epoch)
+    )  # fmt: skip
     body = event.body
     header = (
         struct.pack(">HHQH", 60, 0, len(body), PROPERTY_FLAGS)

@@ -16,16 +16,17 @@ import redis.asyncio as aioredis
 import structlog
 
 from streaming.circuit import circuits_snapshot
+from streaming.envelope import QUARANTINE_SUFFIX
 from streaming.lock import wait_or_timeout
 from wsgateway.logging import LogThrottle
 
 if TYPE_CHECKING:
-    from streaming.envelope import Malformed
+    from streaming.envelope import DataFrame, Malformed
     from streaming.gateway import Gateway
 
 log = structlog.get_logger(__name__)
 
-SAMPLE_CHARS = 200  # of a malformed frame, in its log line
+SAMPLE_CHARS = 200  # of a malformed frame or a quarantined item, in its log line
 
 
 class Counters:
@@ -36,6 +37,9 @@ class Counters:
         self.events_out = 0
         self.malformed = 0
         self.malformed_by_reason: dict[str, int] = defaultdict(int)
+        self.quarantined = 0
+        self.quarantined_by_reason: dict[str, int] = defaultdict(int)
+        self.quarantined_at: float | None = None  # wall time of the last one, for the alert
         self.by_routing_key: dict[str, int] = defaultdict(int)  # for the monitors' overflow estimate
         self.throttle = LogThrottle()
 
@@ -55,6 +59,33 @@ class Counters:
                 suppressed=suppressed,
             )
 
+    def count_quarantined(self, frame: DataFrame, socket: str) -> None:
+        """Count the private items a frame sent to quarantine; log each reason at most once per throttle window."""
+        self.quarantined_at = time.time()
+        for bad in frame.quarantined:
+            self.quarantined += 1
+            self.quarantined_by_reason[bad.reason] += 1
+            suppressed = self.throttle.allow(f"quarantined:{bad.reason}")
+            if suppressed is not None:
+                log.warning(
+                    "bybit.item_quarantined",
+                    socket=socket,
+                    topic=frame.topic,
+                    reason=bad.reason,
+                    field=bad.field,
+                    index=bad.index,
+                    routing_key=f"{frame.event_class}{QUARANTINE_SUFFIX}",
+                    trace_id=frame.events[0].trace_id,
+                    sample=orjson.dumps(bad.item)[:SAMPLE_CHARS].decode(errors="replace"),
+                    suppressed=suppressed,
+                )
+
+    def report_suppressed(self) -> None:
+        """Log what the throttle held back and no later line reported: a repeat is never silent."""
+        for key, count in self.throttle.overdue().items():
+            kind, _, reason = key.partition(":")
+            log.warning("bybit.lines_suppressed", kind=kind, reason=reason, suppressed=count)
+
 
 def status_record(gw: Gateway) -> dict[str, Any]:
     """Everything an operator needs to see about one gateway process, as plain data."""
@@ -64,6 +95,7 @@ def status_record(gw: Gateway) -> dict[str, Any]:
         "updated_at": time.time(),
         "started_at": gw.started_at,
         "state": gw.state,
+        "epoch": gw.lock.epoch,
         "circuit": circuit,  # the worst endpoint's breaker
         "circuits": circuits,  # every endpoint's breaker, by URL
         "sockets": [s.snapshot() for s in gw.sockets.values()],
@@ -82,8 +114,11 @@ def status_record(gw: Gateway) -> dict[str, Any]:
             "nacked": publisher.nacks,
             "dropped": gw.handoff.dropped + publisher.market_nack_drops,
             "malformed": counters.malformed,
+            "quarantined": counters.quarantined,
         },
         "malformed_by_reason": dict(counters.malformed_by_reason),
+        "quarantined_by_reason": dict(counters.quarantined_by_reason),
+        "quarantined_at": counters.quarantined_at,
         "published_by_routing_key": dict(counters.by_routing_key),
         "handoff_depth": len(gw.handoff),
         "read_pauses": gw.handoff.read_pauses,
@@ -113,6 +148,7 @@ class StatusWriter:
 
     async def run(self, gw: Gateway, stop: asyncio.Event) -> None:
         while not stop.is_set():
+            gw.counters.report_suppressed()
             try:
                 await self.write(status_record(gw))
             except (aioredis.RedisError, OSError) as exc:

@@ -89,15 +89,110 @@ def test_malformed_public_frames_are_named(raw: str | bytes, reason: str) -> Non
     assert isinstance(result, Malformed) and result.reason == reason
 
 
+def test_a_private_frame_on_an_unknown_topic_is_malformed() -> None:
+    result = Envelopes("r").handle(orjson.dumps({"topic": "publicTrade.BTCUSDT", "data": []}).decode(), "private")
+    assert isinstance(result, Malformed) and result.reason == "unknown topic"
+
+
 @pytest.mark.parametrize(
-    ("frame", "reason"),
+    ("frame", "reason", "field"),
     [
-        ({"topic": "order", "data": {"x": 1}}, "private data is not a list"),
-        ({"topic": "order", "data": [{"symbol": "BTCUSDT"}]}, "private item without category, symbol or accountType"),
-        ({"topic": "order", "data": ["x"]}, "private item is not an object"),
-        ({"topic": "publicTrade.BTCUSDT", "data": []}, "unknown topic"),
+        ({"topic": "order", "data": {"x": 1}}, "order data is not a list", "data"),
+        ({"topic": "order", "data": [{"symbol": "BTCUSDT"}]}, "order item without category", "category"),
+        ({"topic": "order", "data": [{"category": "linear", "symbol": ""}]}, "order item without symbol", "symbol"),
+        ({"topic": "order", "data": ["x"]}, "order item is not an object", "item"),
+        ({"topic": "wallet", "data": [{"coin": []}]}, "balance item without accountType", "accountType"),
     ],
 )
-def test_malformed_private_frames_publish_nothing(frame: dict, reason: str) -> None:
+def test_a_private_item_that_cannot_be_routed_is_quarantined_whole(frame: dict, reason: str, field: str) -> None:
     result = Envelopes("r").handle(orjson.dumps(frame).decode(), "private")
-    assert isinstance(result, Malformed) and result.reason == reason
+    assert isinstance(result, DataFrame)
+    (bad,) = result.quarantined
+    assert (bad.reason, bad.field) == (reason, field)
+    (event,) = result.events
+    body = orjson.loads(event.body)
+    assert event.routing_key == f"{result.event_class}.unknown" and event.private
+    assert body["quarantine"] == {"reason": reason, "field": field}
+    assert body["data"] == (frame["data"][0] if isinstance(frame["data"], list) else frame["data"])
+    assert event.id == body["id"] and event.id.startswith(f"{result.event_class}:unknown:")
+
+
+def test_one_bad_item_leaves_its_siblings_routed_and_market_state_sees_only_them() -> None:
+    good = [{"accountType": "UNIFIED", "coin": []}, {"accountType": "CONTRACT", "coin": []}]
+    frame = {"topic": "wallet", "creationTime": 1, "data": [good[0], {"coin": []}, good[1]]}
+    result = Envelopes("r").handle(orjson.dumps(frame).decode(), "private")
+    assert [e.routing_key for e in result.events] == ["balance.UNIFIED", "balance.unknown", "balance.CONTRACT"]
+    assert [q.index for q in result.quarantined] == [1]
+    assert result.parsed["data"] == good
+
+
+PRIVATE_FRAMES = [
+    {"id": "e1", "topic": "execution", "creationTime": 1700000000001, "data": [
+        {"category": "linear", "symbol": "BTCUSDT", "execId": "x-1", "orderId": "o-1", "execQty": "0.01"},
+        {"category": "spot", "symbol": "ETHUSDT", "execId": "x-2", "orderId": "o-2", "execQty": "1"},
+    ]},
+    {"id": "o1", "topic": "order", "creationTime": 1700000000002, "data": [
+        {"category": "linear", "symbol": "BTCUSDT", "orderId": "o-1", "updatedTime": "1700000000000",
+         "orderStatus": "PartiallyFilled", "cumExecQty": "0.01"},
+    ]},
+    {"id": "p1", "topic": "position", "creationTime": 1700000000003, "data": [
+        {"category": "linear", "symbol": "BTCUSDT", "positionIdx": 0, "seq": 42, "size": "0.01"},
+    ]},
+    {"id": "w1", "topic": "wallet", "creationTime": 1700000000004, "data": [
+        {"accountType": "UNIFIED", "coin": [{"coin": "USDT", "walletBalance": "1"}]},
+    ]},
+]  # fmt: skip
+
+
+def private_ids(envelopes: Envelopes, frame: dict) -> list[str]:
+    result = envelopes.handle(orjson.dumps(frame).decode(), "private")
+    assert isinstance(result, DataFrame), result
+    ids = [orjson.loads(e.body)["id"] for e in result.events]
+    assert ids == [e.id for e in result.events]  # the AMQP message_id is the envelope's id
+    return ids
+
+
+def test_private_ids_come_from_content_so_two_instances_agree() -> None:
+    """An owner and its standby (or a restart) give one Bybit event one id: consumers dedupe on it."""
+    owner, standby = Envelopes("owner-run"), Envelopes("standby-run")
+    standby.handle('{"topic": "publicTrade.BTCUSDT", "ts": 1, "data": [{}]}', "linear")  # its frame count differs
+    for frame in PRIVATE_FRAMES:
+        assert private_ids(owner, frame) == private_ids(standby, frame)
+
+
+def test_private_ids_name_the_fields_bybit_identifies_events_by() -> None:
+    ids = [i for frame in PRIVATE_FRAMES for i in private_ids(Envelopes("r"), frame)]
+    assert ids[:4] == [
+        "exec:x-1",
+        "exec:x-2",
+        "order:o-1:1700000000000:PartiallyFilled:0.01",
+        "position:linear:BTCUSDT:0:42",
+    ]
+    assert ids[4].startswith("wallet:UNIFIED:1700000000004:")
+
+
+def test_a_new_state_of_the_same_order_gets_a_new_id() -> None:
+    first, filled = (
+        {"category": "linear", "symbol": "BTCUSDT", "orderId": "o-1", "updatedTime": t, "orderStatus": s,
+         "cumExecQty": q}
+        for t, s, q in (("1", "New", "0"), ("2", "Filled", "0.01"))
+    )  # fmt: skip
+    envelopes = Envelopes("r")
+    ids = [private_ids(envelopes, {"topic": "order", "data": [item]}) for item in (first, filled, first)]
+    assert ids[0] != ids[1] and ids[0] == ids[2]
+
+
+def test_wallet_updates_in_the_same_millisecond_keep_distinct_ids() -> None:
+    frames = [
+        {"topic": "wallet", "creationTime": 5, "data": [{"accountType": "UNIFIED", "coin": [{"coin": c}]}]}
+        for c in ("USDT", "BTC")
+    ]
+    first, second = (private_ids(Envelopes("r"), f) for f in frames)
+    assert first != second
+
+
+def test_private_items_without_id_fields_get_a_content_hash_not_a_run_id() -> None:
+    frame = {"topic": "execution", "data": [{"category": "linear", "symbol": "BTCUSDT", "execQty": "1"}]}
+    (first,) = private_ids(Envelopes("one"), frame)
+    (second,) = private_ids(Envelopes("two"), {**frame, "data": [dict(reversed(frame["data"][0].items()))]})
+    assert first == second and "one" not in first

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
 from django.conf import settings
 
 from streaming.lock import OwnerLock
+from tests.relay import TcpRelay
 
 
 def run(coro):
@@ -16,7 +18,13 @@ def run(coro):
 
 async def pair(key: str, ttl: float) -> tuple[aioredis.Redis, OwnerLock, OwnerLock]:
     client = aioredis.from_url(settings.REDIS_URL)
-    return client, OwnerLock(client, key, ttl), OwnerLock(client, key, ttl)
+    epoch_key = key + ":epoch"
+    return client, OwnerLock(client, key, epoch_key, ttl), OwnerLock(client, key, epoch_key, ttl)
+
+
+def redis_address() -> tuple[str, int]:
+    parts = urlsplit(settings.REDIS_URL)
+    return parts.hostname or "127.0.0.1", parts.port or 6379
 
 
 def test_second_instance_waits_while_the_owner_renews(redis_prefix: str) -> None:
@@ -62,3 +70,54 @@ def test_release_only_frees_our_own_lock(redis_prefix: str) -> None:
         return blocked, free
 
     assert run(scenario()) == (True, True)
+
+
+def test_an_owner_cut_off_from_redis_fences_itself_before_a_standby_can_take_over(redis_prefix: str) -> None:
+    """Split brain: the owner cannot renew (a network partition), the standby waits out the TTL."""
+    ttl = 1.0
+    relay = TcpRelay(*redis_address())
+
+    async def scenario() -> tuple[object, float, float]:
+        cut_off = aioredis.from_url(relay.url(), socket_timeout=5, socket_connect_timeout=5)
+        direct = aioredis.from_url(settings.REDIS_URL)
+        owner = OwnerLock(cut_off, redis_prefix + "lock", redis_prefix + "epoch", ttl)
+        standby = OwnerLock(direct, redis_prefix + "lock", redis_prefix + "epoch", ttl)
+        loop = asyncio.get_running_loop()
+        assert await owner.acquire()
+        holding = asyncio.create_task(owner.hold(asyncio.Event()))
+        await asyncio.sleep(ttl)  # a few renewals go through
+        relay.partition()
+        while not await standby.acquire():
+            await asyncio.sleep(0.01)
+        took_over_at = loop.time()
+        done, _ = await asyncio.wait({holding}, timeout=3 * ttl)
+        outcome = holding.result() if done else "still serving"
+        holding.cancel()
+        stopped_at = getattr(owner, "fenced_at", float("inf"))
+        await direct.aclose()
+        return outcome, stopped_at, took_over_at
+
+    try:
+        outcome, stopped_at, took_over_at = run(scenario())
+    finally:
+        relay.close()
+    assert outcome == "fenced"
+    assert stopped_at < took_over_at  # never two owners at once
+
+
+def test_every_acquire_raises_the_fencing_epoch(redis_prefix: str) -> None:
+    async def scenario() -> list[int]:
+        client, first, second = await pair(redis_prefix + "lock", 5)
+        await first.acquire()
+        epochs = [first.epoch]
+        await first.release()
+        await second.acquire()
+        epochs.append(second.epoch)
+        await second.release()
+        await first.acquire()
+        epochs.append(first.epoch)
+        await client.aclose()
+        return epochs
+
+    first, second, third = run(scenario())
+    assert 0 < first < second < third

@@ -80,3 +80,15 @@ def test_throttle_allows_one_line_per_interval_and_counts_the_rest() -> None:
     assert throttle.allow("k") is None and throttle.allow("k") is None
     now[0] = 10.5
     assert throttle.allow("k") == 2
+
+
+def test_throttle_hands_over_what_no_later_line_reported() -> None:
+    now = [0.0]
+    throttle = LogThrottle(interval=10, clock=lambda: now[0])
+    throttle.allow("a")
+    throttle.allow("a")
+    throttle.allow("b")
+    assert throttle.overdue() == {}  # still inside the window: the next line may report it
+    now[0] = 10.5
+    assert throttle.overdue() == {"a": 1}
+    assert throttle.overdue() == {} and throttle.allow("a") == 0  # reported once, not twice

@@ -203,6 +203,17 @@ def test_open_circuit_and_disconnected_publisher_are_critical() -> None:
     assert found[1].details == {"error": "ConnectionRefusedError"}
 
 
+def test_quarantined_private_items_warn_until_an_hour_passes_without_one(settings) -> None:
+    settings.MONITOR_QUARANTINE_ALERT_FOR = 3600.0
+    reasons = {"order item without category": 2}
+    record = status(counters={"quarantined": 2}, quarantined_by_reason=reasons, quarantined_at=NOW - 30)
+    (alert,) = gateway_alerts(record, NOW)
+    assert (alert.name, alert.subject, alert.severity) == ("gateway.quarantined", "gateway", "warning")
+    assert alert.details == {"count": 2, "by_reason": reasons, "last_at": NOW - 30}
+    assert gateway_alerts({**record, "quarantined_at": NOW - 3601}, NOW) == []
+    assert gateway_alerts({**record, "quarantined_at": None}, NOW) == []
+
+
 @pytest.mark.parametrize("state", ["starting", "standby", "stopping"])
 def test_a_gateway_not_running_yet_or_any_more_is_judged_on_freshness_only(state: str) -> None:
     record = status(state=state, sockets=[{"name": "linear-1", "state": "connecting"}], publisher={"connected": False})

@@ -16,11 +16,14 @@ from subscriptions.topics import EXCHANGE
 from tests.conftest import close_publisher_connections, wait_for
 
 
-def make_event(n: int, private: bool = False, size: int = 0, routing_key: str = "trade.linear.BTCUSDT") -> Event:
+def make_event(
+    n: int, private: bool = False, size: int = 0, routing_key: str = "trade.linear.BTCUSDT", epoch: int = 0
+) -> Event:
     body = orjson.dumps({"id": f"run-{n}-0", "n": n, "pad": "x" * size})
     return Event(
-        f"run-{n}-0", f"run-{n}", "order" if private else "trade", routing_key, body, private, "t", 1_700_000_000_123
-    )
+        f"run-{n}-0", f"run-{n}", "order" if private else "trade", routing_key, body, private, "t", 1_700_000_000_123,
+        epoch,
+    )  # fmt: skip
 
 
 @pytest.fixture
@@ -109,7 +112,7 @@ def test_consumer_reads_the_envelope_and_properties(rabbit: str, channel: amqp.C
     declare(channel, "t.props")
     handoff = Handoff(100)
     handoff.put(make_event(1))
-    handoff.put(make_event(2, private=True, routing_key="order.linear.BTCUSDT"))
+    handoff.put(make_event(2, private=True, routing_key="order.linear.BTCUSDT", epoch=2**40 + 7))
     publisher = run_publisher(rabbit, handoff)
     assert publisher.stop(10)
     messages = sorted(read_all(channel, "t.props", 2), key=lambda m: m.properties["message_id"])
@@ -120,7 +123,8 @@ def test_consumer_reads_the_envelope_and_properties(rabbit: str, channel: amqp.C
     assert private.properties["delivery_mode"] == 2
     assert market.properties["message_id"] == "run-1-0"
     assert market.properties["timestamp"] == 1_700_000_000
-    assert market.properties["application_headers"] == {"trace_id": "run-1", "class": "trade"}
+    assert market.properties["application_headers"] == {"trace_id": "run-1", "class": "trade", "epoch": 0}
+    assert private.properties["application_headers"] == {"trace_id": "run-2", "class": "order", "epoch": 2**40 + 7}
     assert private.delivery_info["routing_key"] == "order.linear.BTCUSDT"
     assert publisher.confirmed == 2
 

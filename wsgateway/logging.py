@@ -133,3 +133,11 @@ class LogThrottle:
             return None
         self.next_at[key] = now + self.interval
         return self.held.pop(key, 0)
+
+    def overdue(self) -> dict[str, int]:
+        """Take the held counts whose window has ended: no line reported them, so the caller must."""
+        now = self.clock()
+        due = {key: count for key, count in self.held.items() if now >= self.next_at.get(key, 0.0)}
+        for key in due:
+            del self.held[key]
+        return due

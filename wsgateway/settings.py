@@ -250,6 +250,9 @@ MONITOR_SAMPLE_RETENTION_HOURS = env_int("MONITOR_SAMPLE_RETENTION_HOURS", 24, 1
 MONITOR_INTERVAL = env_float("MONITOR_INTERVAL", 15.0, 1.0)
 # A queue with consumers whose depth grew in each of this many consecutive samples is a slow subscriber.
 MONITOR_SLOW_SAMPLES = env_int("MONITOR_SLOW_SAMPLES", 3, 1)
+# The gateway.quarantined alert stays up this many seconds after the last private item sent to
+# quarantine (`<class>.unknown`: a field Bybit should send was missing).
+MONITOR_QUARANTINE_ALERT_FOR = env_float("MONITOR_QUARANTINE_ALERT_FOR", 3600.0, 1.0)
 ALERT_WEBHOOK_TIMEOUT = env_float("ALERT_WEBHOOK_TIMEOUT", 3.0, 0.1)
 ALERT_WEBHOOK_URL = env.str("ALERT_WEBHOOK_URL", default="")
 if ALERT_WEBHOOK_URL:

@@ -18,6 +18,7 @@ GATEWAY_FAMILIES = (
     "gateway.circuit",
     "gateway.publisher",
     "gateway.private_auth_failed",
+    "gateway.quarantined",
 )
 LEVELS = ("warning", "critical")
 
@@ -98,7 +99,8 @@ def worst(alerts: Iterable[Alert]) -> str:
 
 
 def gateway_alerts(status: dict[str, Any] | None, now: float) -> list[Alert]:
-    """What the gateway's status record says is wrong: missing or stale, sockets down, auth refused, circuits open."""
+    """What the gateway's status record says is wrong: missing or stale, sockets down, auth refused, circuits open,
+    quarantine."""
     if status is None:
         return [Alert("gateway.status.stale", "gateway", "critical", {"reason": "no status record"})]
     age = now - status.get("updated_at", 0)
@@ -123,4 +125,13 @@ def gateway_alerts(status: dict[str, Any] | None, now: float) -> list[Alert]:
     publisher = status.get("publisher") or {}
     if publisher and not publisher.get("connected"):
         alerts.append(Alert("gateway.publisher.down", "gateway", "critical", {"error": publisher.get("last_error")}))
+    quarantined_at = status.get("quarantined_at")
+    if quarantined_at is not None and now - quarantined_at <= settings.MONITOR_QUARANTINE_ALERT_FOR:
+        # Up while private items keep going to `<class>.unknown`: each new one renews it.
+        details = {
+            "count": (status.get("counters") or {}).get("quarantined"),
+            "by_reason": status.get("quarantined_by_reason") or {},
+            "last_at": quarantined_at,
+        }
+        alerts.append(Alert("gateway.quarantined", "gateway", "warning", details))
     return alerts

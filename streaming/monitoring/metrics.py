@@ -74,6 +74,14 @@ def gateway_metrics(status: dict[str, Any] | None, now: float) -> Iterator[Metri
         family = GaugeMetricFamily(name, help_text)
         family.add_metric([], status.get(key, 0))
         yield family
+    quarantined = CounterMetricFamily(
+        "wsgateway_gateway_quarantined",
+        "Private items published to <class>.unknown instead of their routing key, by reason",
+        labels=["reason"],
+    )
+    for reason, count in sorted((status.get("quarantined_by_reason") or {}).items()):
+        quarantined.add_metric([reason], count)
+    yield quarantined
     circuit = GaugeMetricFamily("wsgateway_gateway_circuit_open", "1 while a Bybit circuit breaker is open")
     circuit.add_metric([], 1 if (status.get("circuit") or {}).get("state") == "open" else 0)
     yield circuit

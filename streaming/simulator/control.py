@@ -7,6 +7,7 @@ The API listens on its own port, one request per connection, JSON in and out:
     POST /control/faults/refuse {"seconds": 3, "path": "/v5/public/linear"}  (path optional: all by default)
     POST /control/faults/reject_auth {"on": true}     POST /control/faults/ignore_requests {"seconds": 3}
     POST /control/faults/delay_pongs {"seconds": 1}   POST /control/faults/malformed {"kind": "invalid_json"}
+    (malformed kinds `order_without_category` and `wallet_without_account_type` go to private clients)
     POST /control/faults/gap {"category": "linear", "topic": "orderbook.50.BTCUSDT"}
     POST /control/faults/restart_book {...same...}    GET /control/stats
     POST /control/faults/rest {"mode": "error", "count": 2, "seconds": 0}
@@ -34,6 +35,31 @@ if TYPE_CHECKING:
     from streaming.simulator.server import Simulator
 
 Handler = Callable[[dict[str, Any]], Awaitable[Any]]
+
+PRIVATE_KINDS = ("order_without_category", "wallet_without_account_type")
+# Private frames with one bad item among good ones (kinds `order_without_category` and
+# `wallet_without_account_type`): fixed content, so a test can compare what arrives.
+AT = "1700000000000"
+PARTLY_BAD_ORDERS: dict[str, Any] = {
+    "id": "sim-partly-bad-orders",
+    "topic": "order",
+    "creationTime": int(AT),
+    "data": [
+        private.order_item(0, {"orderId": "sim-good-1", "createdTime": AT, "updatedTime": AT}),
+        {k: v for k, v in private.order_item(0, {"orderId": "sim-bad", "createdTime": AT, "updatedTime": AT}).items()
+         if k != "category"},
+        private.order_item(0, {"orderId": "sim-good-2", "symbol": "ETHUSDT", "createdTime": AT, "updatedTime": AT}),
+    ],
+}  # fmt: skip
+PARTLY_BAD_WALLET: dict[str, Any] = {
+    "id": "sim-partly-bad-wallet",
+    "topic": "wallet",
+    "creationTime": int(AT),
+    "data": [
+        private.wallet_item(0, {}),
+        {k: v for k, v in private.wallet_item(0, {"totalEquity": "1"}).items() if k != "accountType"},
+    ],
+}
 
 
 class Control:
@@ -132,7 +158,7 @@ class Control:
         self.simulator.faults.pong_delay = seconds
 
     async def send_malformed(self, kind: str, category: str | None = None) -> int:
-        """Send one malformed frame of `kind` to every client (of `category` if given)."""
+        """Send one malformed frame of `kind` to every client (of `category` if given; private kinds: "private")."""
         payloads: dict[str, str | bytes] = {
             "invalid_json": '{"topic": "publicTrade.BTCUSDT", "data": [',
             "binary": b"\x00\x01\x02binary",
@@ -140,10 +166,14 @@ class Control:
             "missing_fields": '{"topic": "publicTrade.BTCUSDT", "type": "snapshot", "ts": 1}',
             "wrong_types": '{"topic": 42, "type": "snapshot", "ts": "x", "data": "y"}',
             "oversized": '{"topic": "publicTrade.BTCUSDT", "ts": 1, "data": "' + "x" * (5 * 2**20) + '"}',
+            "order_without_category": orjson.dumps(PARTLY_BAD_ORDERS).decode(),
+            "wallet_without_account_type": orjson.dumps(PARTLY_BAD_WALLET).decode(),
         }
         if kind not in payloads:
             raise ValueError(f"unknown malformed kind {kind!r}; use {', '.join(payloads)}")
         payload = payloads[kind]
+        if kind in PRIVATE_KINDS:
+            category = "private"
         sent = 0
         for client in list(self.simulator.clients):
             if category is None or client.category == category:
