@@ -45,10 +45,10 @@ PARTLY_BAD_ORDERS: dict[str, Any] = {
     "topic": "order",
     "creationTime": int(AT),
     "data": [
-        private.order_item(0, {"orderId": "sim-good-1", "createdTime": AT, "updatedTime": AT}),
-        {k: v for k, v in private.order_item(0, {"orderId": "sim-bad", "createdTime": AT, "updatedTime": AT}).items()
+        private.order_item(0, 0, {"orderId": "sim-good-1", "createdTime": AT, "updatedTime": AT}, None),
+        {k: v for k, v in private.order_item(0, 0, {"orderId": "sim-bad", "createdTime": AT, "updatedTime": AT}, None).items()
          if k != "category"},
-        private.order_item(0, {"orderId": "sim-good-2", "symbol": "ETHUSDT", "createdTime": AT, "updatedTime": AT}),
+        private.order_item(0, 0, {"orderId": "sim-good-2", "symbol": "ETHUSDT", "createdTime": AT, "updatedTime": AT}, None),
     ],
 }  # fmt: skip
 PARTLY_BAD_WALLET: dict[str, Any] = {
@@ -56,8 +56,8 @@ PARTLY_BAD_WALLET: dict[str, Any] = {
     "topic": "wallet",
     "creationTime": int(AT),
     "data": [
-        private.wallet_item(0, {}),
-        {k: v for k, v in private.wallet_item(0, {"totalEquity": "1"}).items() if k != "accountType"},
+        private.wallet_item(0, 0, {}, None),
+        {k: v for k, v in private.wallet_item(0, 0, {"totalEquity": "1"}, None).items() if k != "accountType"},
     ],
 }
 
