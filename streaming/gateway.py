@@ -126,7 +126,12 @@ class Gateway:
     def __init__(self, config: GatewayConfig) -> None:
         self.config = config
         self.handoff = Handoff(config.handoff_size, config.backpressure_at, config.max_read_pause)
-        self.publisher = Publisher(config.rabbitmq_url, self.handoff, window=config.confirm_window)
+        self.publisher = Publisher(
+            config.rabbitmq_url,
+            self.handoff,
+            window=config.confirm_window,
+            healthy_after=config.socket.healthy_after,
+        )
         self.redis = aioredis.from_url(config.redis_url, socket_timeout=2, socket_connect_timeout=2)
         self.lock = OwnerLock(self.redis, config.lock_key, config.lock_ttl)
         self.status_writer = StatusWriter(self.redis, config.status_key, config.status_interval)

@@ -68,6 +68,7 @@ def status_record(gw: Gateway) -> dict[str, Any]:
             "connected": publisher.connected,
             "reconnects": publisher.reconnects,
             "last_error": publisher.last_error,
+            "blocked": publisher.blocked,
         },
         "nudges_connected": bool(gw.nudges and gw.nudges.connected),
         "counters": {
