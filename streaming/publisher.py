@@ -409,6 +409,7 @@ class Publisher:
         self.scheduled = False
         self.nack_timer: asyncio.TimerHandle | None = None
         self.settled_event = asyncio.Event()
+        self.unencodable = 0
 
     @property
     def connected(self) -> bool:
@@ -546,14 +547,48 @@ class Publisher:
         while len(events) < room and (event := take()) is not None:
             events.append(event)
         if events:
+            taken = len(events)
             channel_id, exchange, frame_max = self.channel_id, shortstr(EXCHANGE), self.frame_max
-            frames = [encode_publish(channel_id, exchange, event, frame_max) for event in events]
+            try:
+                frames = [encode_publish(channel_id, exchange, event, frame_max) for event in events]
+            except ValueError:
+                events, frames = self.encodable(events, channel_id, exchange, frame_max)
             confirms.sent(events)
             protocol.transport.write(b"".join(frames))  # type: ignore[union-attr]
-            if len(events) == BATCH:
+            if taken == BATCH:
                 self.kick()  # more may wait: let acks and readers in first, then go on
         if confirms.parked and self.nack_timer is None:
             self.nack_timer = asyncio.get_running_loop().call_later(NACK_RETRY_DELAY, self.retry_nacked)
+
+    def encodable(
+        self, events: list[Event], channel_id: int, exchange: bytes, frame_max: int
+    ) -> tuple[list[Event], list[bytes]]:
+        """Encode one by one, setting aside what AMQP cannot carry (a routing key over 255 bytes).
+
+        An event set aside gets no delivery tag, so the tags of the others stay in step with
+        RabbitMQ's count; it is logged and counted in `unencodable`, never retried.
+        """
+        kept, frames = [], []
+        for event in events:
+            try:
+                frames.append(encode_publish(channel_id, exchange, event, frame_max))
+            except ValueError as exc:
+                self.unencodable += 1
+                suppressed = self.throttle.allow("unencodable")
+                if suppressed is not None:
+                    log.error(
+                        "publisher.unencodable",
+                        id=event.id,
+                        trace_id=event.trace_id,
+                        event_class=event.event_class,
+                        routing_key=event.routing_key[:80],
+                        error=str(exc)[:200],
+                        total=self.unencodable,
+                        suppressed=suppressed,
+                    )
+                continue
+            kept.append(event)
+        return kept, frames
 
     def retry_nacked(self) -> None:
         self.nack_timer = None

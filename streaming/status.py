@@ -80,6 +80,7 @@ def status_record(gw: Gateway) -> dict[str, Any]:
             "nacked": publisher.nacks,
             "dropped": gw.handoff.dropped + publisher.market_nack_drops,
             "malformed": counters.malformed,
+            "unencodable": publisher.unencodable,
         },
         "malformed_by_reason": dict(counters.malformed_by_reason),
         "published_by_routing_key": dict(counters.by_routing_key),

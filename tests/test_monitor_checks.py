@@ -196,6 +196,15 @@ def test_open_circuit_and_disconnected_publisher_are_critical() -> None:
     assert found[1].details == {"error": "ConnectionRefusedError"}
 
 
+def test_a_blocked_publisher_is_critical_and_set_aside_events_warn() -> None:
+    record = status(publisher={"connected": True, "blocked": True}, counters={"unencodable": 2})
+    found = gateway_alerts(record, NOW)
+    assert [(a.name, a.severity, a.details) for a in found] == [
+        ("gateway.publisher.blocked", "critical", {}),
+        ("gateway.publisher.unencodable", "warning", {"events": 2}),
+    ]
+
+
 @pytest.mark.parametrize("state", ["starting", "standby", "stopping"])
 def test_a_gateway_not_running_yet_or_any_more_is_judged_on_freshness_only(state: str) -> None:
     record = status(state=state, sockets=[{"name": "linear-1", "state": "connecting"}], publisher={"connected": False})

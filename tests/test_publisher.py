@@ -224,3 +224,23 @@ def pamqp_publish(channel_id: int, event: Event, frame_max: int) -> bytes:
 def test_encode_publish_is_byte_for_byte_what_pamqp_marshals(event: Event) -> None:
     """The hand-packed Basic.Publish, content header and body frames equal pamqp's."""
     assert encode_publish(3, shortstr(EXCHANGE), event, 131072) == pamqp_publish(3, event, 131072)
+
+
+def test_an_unencodable_event_is_set_aside_and_its_batch_goes_out(rabbit: str, channel: amqp.Channel) -> None:
+    """A 300-character routing key cannot be an AMQP short string: only that event is kept back.
+
+    Every other event of the batch is published and confirmed, and the delivery tags stay in
+    step with RabbitMQ's (the next batch is confirmed exactly too).
+    """
+    declare(channel, "t.unencodable")
+    handoff = Handoff(100)
+    for n in range(10):
+        handoff.put(make_event(n, private=True, routing_key="x" * 300 if n == 4 else "order.linear.BTCUSDT"))
+    publisher = run_publisher(rabbit, handoff)
+    wait_for(lambda: publisher.confirmed == 9 and not publisher.in_flight, message="the nine good events confirmed")
+    for n in range(10, 20):
+        publisher.put(make_event(n, private=True, routing_key="order.linear.BTCUSDT"))
+    assert publisher.stop(10)
+    got = read_all(channel, "t.unencodable", 19)
+    assert sorted(orjson.loads(m.body)["n"] for m in got) == [n for n in range(20) if n != 4]
+    assert (publisher.published, publisher.confirmed, publisher.unencodable) == (19, 19, 1)

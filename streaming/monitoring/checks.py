@@ -112,4 +112,10 @@ def gateway_alerts(status: dict[str, Any] | None, now: float) -> list[Alert]:
     publisher = status.get("publisher") or {}
     if publisher and not publisher.get("connected"):
         alerts.append(Alert("gateway.publisher.down", "gateway", "critical", {"error": publisher.get("last_error")}))
+    if publisher.get("blocked"):
+        # A RabbitMQ resource alarm (memory or disk): nothing is published until it clears.
+        alerts.append(Alert("gateway.publisher.blocked", "gateway", "critical", {}))
+    counters = status.get("counters") or {}
+    if counters.get("unencodable"):
+        alerts.append(Alert("gateway.publisher.unencodable", "gateway", "warning", {"events": counters["unencodable"]}))
     return alerts
