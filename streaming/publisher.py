@@ -482,7 +482,11 @@ class Publisher:
             delay = random.uniform(0, min(self.backoff_cap, self.backoff_base * 2**self.attempt))
             self.attempt += 1
             log.warning(
-                "publisher.reconnecting", delay=round(delay, 3), error=self.last_error, in_flight=self.in_flight
+                "publisher.reconnecting",
+                delay=round(delay, 3),
+                attempt=self.attempt,
+                error=self.last_error,
+                in_flight=self.in_flight,
             )
             await asyncio.sleep(delay)
 
