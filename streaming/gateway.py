@@ -111,14 +111,21 @@ class GatewayConfig:
         return f"{self.redis_prefix}gateway:lock"
 
 
+# OPTIONS keys Django's PostgreSQL backend takes for itself; every other one is a libpq parameter.
+DJANGO_ONLY_OPTIONS = frozenset(("assume_role", "isolation_level", "pool", "server_side_binding", "cursor_factory",
+                                 "prepare_threshold", "context"))  # fmt: skip
+
+
 def database_conninfo(db: dict[str, Any]) -> str:
-    """A libpq connection string from Django's database settings."""
+    """A libpq connection string from Django's database settings, OPTIONS (sslmode, connect_timeout, ...) included."""
+    options = {key: value for key, value in (db.get("OPTIONS") or {}).items() if key not in DJANGO_ONLY_OPTIONS}
     return make_conninfo(
         host=db.get("HOST") or None,
         port=db.get("PORT") or None,
         dbname=db["NAME"],
         user=db.get("USER") or None,
         password=db.get("PASSWORD") or None,
+        **options,
     )
 
 

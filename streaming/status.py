@@ -93,6 +93,7 @@ def status_record(gw: Gateway) -> dict[str, Any]:
         "balances": {
             "pending": len(gw.balances.pending),
             "written": gw.balances.written,
+            "rejected": gw.balances.rejected,
             "last_error": gw.balances.last_error,
         },
     }

@@ -205,6 +205,11 @@ def test_a_blocked_publisher_is_critical_and_set_aside_events_warn() -> None:
     ]
 
 
+def test_balance_rows_the_database_refused_warn() -> None:
+    (alert,) = gateway_alerts(status(balances={"pending": 0, "rejected": 1}), NOW)
+    assert (alert.name, alert.severity, alert.details) == ("gateway.balances.rejected", "warning", {"rows": 1})
+
+
 @pytest.mark.parametrize("state", ["starting", "standby", "stopping"])
 def test_a_gateway_not_running_yet_or_any_more_is_judged_on_freshness_only(state: str) -> None:
     record = status(state=state, sockets=[{"name": "linear-1", "state": "connecting"}], publisher={"connected": False})

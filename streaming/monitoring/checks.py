@@ -118,4 +118,7 @@ def gateway_alerts(status: dict[str, Any] | None, now: float) -> list[Alert]:
     counters = status.get("counters") or {}
     if counters.get("unencodable"):
         alerts.append(Alert("gateway.publisher.unencodable", "gateway", "warning", {"events": counters["unencodable"]}))
+    balances = status.get("balances") or {}
+    if balances.get("rejected"):
+        alerts.append(Alert("gateway.balances.rejected", "gateway", "warning", {"rows": balances["rejected"]}))
     return alerts
