@@ -116,6 +116,25 @@ def encode_publish(channel_id: int, exchange: bytes, event: Event, frame_max: in
     return b"".join(parts)
 
 
+def encode_each(
+    events: list[Event], channel_id: int, exchange: bytes, frame_max: int
+) -> tuple[list[Event], list[bytes], list[tuple[Event, str]]]:
+    """Encode one by one: the events kept with their frames, and those AMQP cannot carry, with why.
+
+    An event set aside (a routing key over 255 bytes) gets no delivery tag, so the tags of the
+    others stay in step with RabbitMQ's count.
+    """
+    kept, frames, refused = [], [], []
+    for event in events:
+        try:
+            frames.append(encode_publish(channel_id, exchange, event, frame_max))
+        except ValueError as exc:
+            refused.append((event, str(exc)[:200]))
+            continue
+        kept.append(event)
+    return kept, frames, refused
+
+
 class Handoff:
     """Bounded hand-off from the socket readers to the publisher.
 
@@ -303,7 +322,7 @@ class AmqpProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.last_received = time.monotonic()
         for amqp_frame in self.reader.feed(data):
-            if amqp_frame.kind == METHOD_FRAME and amqp_frame.payload[:4] in ACK_METHODS:
+            if amqp_frame.kind == METHOD_FRAME and amqp_frame.payload.startswith(ACK_METHODS):
                 method = decode_method(amqp_frame.payload)
                 if type(method) is Ack:
                     self.publisher.on_ack(method.delivery_tag, method.multiple)
@@ -342,6 +361,17 @@ class AmqpProtocol(asyncio.Protocol):
                 self.publisher.kick()
             case _ if self.inbox is not None:
                 self.inbox.put_nowait(value)
+
+    async def beat(self) -> None:
+        """Send a heartbeat every half agreed period; a connection silent for two periods is dead."""
+        period = self.heartbeat
+        while not self.closed.done():
+            await asyncio.sleep(period / 2)
+            if time.monotonic() - self.last_received > period * 2:
+                self.lost(f"no heartbeat from RabbitMQ for {period * 2} s")
+                return
+            if self.transport is not None:
+                self.transport.write(HEARTBEAT_FRAME)
 
     async def expect(self, kind: type[MethodT]) -> MethodT:
         """The next handshake reply, which must be a `kind`; ConnectionError if the connection ends first."""
@@ -470,7 +500,7 @@ class Publisher:
             else:
                 assert self.protocol is not None
                 opened_at = time.monotonic()
-                beating = asyncio.create_task(self.beat(self.protocol)) if self.protocol.heartbeat else None
+                beating = asyncio.create_task(self.protocol.beat()) if self.protocol.heartbeat else None
                 reason = await self.protocol.closed
                 if beating is not None:
                     beating.cancel()
@@ -518,17 +548,6 @@ class Publisher:
         )
         self.kick()
 
-    async def beat(self, protocol: AmqpProtocol) -> None:
-        """Send a heartbeat every half negotiated period; a connection silent for two periods is dead."""
-        period = protocol.heartbeat
-        while not protocol.closed.done():
-            await asyncio.sleep(period / 2)
-            if time.monotonic() - protocol.last_received > period * 2:
-                protocol.lost(f"no heartbeat from RabbitMQ for {period * 2} s")
-                return
-            if protocol.transport is not None:
-                protocol.transport.write(HEARTBEAT_FRAME)
-
     def connection_lost(self, reason: str) -> None:
         """Queue every unconfirmed event for publishing again, oldest first."""
         self.reconnects += 1
@@ -556,7 +575,8 @@ class Publisher:
             try:
                 frames = [encode_publish(channel_id, exchange, event, frame_max) for event in events]
             except ValueError:
-                events, frames = self.encodable(events, channel_id, exchange, frame_max)
+                events, frames, refused = encode_each(events, channel_id, exchange, frame_max)
+                self.set_aside(refused)
             confirms.sent(events)
             protocol.transport.write(b"".join(frames))  # type: ignore[union-attr]
             if taken == BATCH:
@@ -564,35 +584,22 @@ class Publisher:
         if confirms.parked and self.nack_timer is None:
             self.nack_timer = asyncio.get_running_loop().call_later(NACK_RETRY_DELAY, self.retry_nacked)
 
-    def encodable(
-        self, events: list[Event], channel_id: int, exchange: bytes, frame_max: int
-    ) -> tuple[list[Event], list[bytes]]:
-        """Encode one by one, setting aside what AMQP cannot carry (a routing key over 255 bytes).
-
-        An event set aside gets no delivery tag, so the tags of the others stay in step with
-        RabbitMQ's count; it is logged and counted in `unencodable`, never retried.
-        """
-        kept, frames = [], []
-        for event in events:
-            try:
-                frames.append(encode_publish(channel_id, exchange, event, frame_max))
-            except ValueError as exc:
-                self.unencodable += 1
-                suppressed = self.throttle.allow("unencodable")
-                if suppressed is not None:
-                    log.error(
-                        "publisher.unencodable",
-                        id=event.id,
-                        trace_id=event.trace_id,
-                        event_class=event.event_class,
-                        routing_key=event.routing_key[:80],
-                        error=str(exc)[:200],
-                        total=self.unencodable,
-                        suppressed=suppressed,
-                    )
-                continue
-            kept.append(event)
-        return kept, frames
+    def set_aside(self, refused: list[tuple[Event, str]]) -> None:
+        """Events AMQP cannot carry: logged and counted, never retried (nothing about them will change)."""
+        self.unencodable += len(refused)
+        suppressed = self.throttle.allow("unencodable")
+        if suppressed is not None:
+            event, error = refused[0]
+            log.error(
+                "publisher.unencodable",
+                id=event.id,
+                trace_id=event.trace_id,
+                event_class=event.event_class,
+                routing_key=event.routing_key[:80],
+                error=error,
+                total=self.unencodable,
+                suppressed=suppressed + len(refused) - 1,
+            )
 
     def retry_nacked(self) -> None:
         self.nack_timer = None
