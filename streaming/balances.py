@@ -3,7 +3,8 @@
 `offer()` (event loop, O(1)) keeps only the newest pending value per (account type, coin).
 `run()` writes them on a connection of its own, off the loop, as one upsert that never lets
 an older event overwrite a newer one. When the database is away, values wait (still newest
-wins) and the writer retries with backoff; `pending` is reported in the gateway's status.
+wins) and the writer retries with backoff; `pending` is reported in the gateway's status. A row
+the table cannot hold is dropped alone (`rejected`), never blocking the rows after it.
 """
 
 from __future__ import annotations
