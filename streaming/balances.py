@@ -3,7 +3,8 @@
 `offer()` (event loop, O(1)) keeps only the newest pending value per (account type, coin).
 `run()` writes them on a connection of its own, off the loop, as one upsert that never lets
 an older event overwrite a newer one. When the database is away, values wait (still newest
-wins) and the writer retries with backoff; `pending` is reported in the gateway's status.
+wins) and the writer retries with backoff; `pending` is reported in the gateway's status. A row
+the table cannot hold is dropped alone (`rejected`), never blocking the rows after it.
 """
 
 from __future__ import annotations
@@ -16,8 +17,14 @@ from typing import Any
 
 import psycopg
 import structlog
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from wsgateway.logging import LogThrottle
 
 log = structlog.get_logger(__name__)
+
+# A row the table cannot hold (numeric overflow, a NULL where none may be): its own fault, not the database's.
+ROW_ERRORS = (psycopg.DataError, psycopg.IntegrityError)
 
 # Bybit field -> AccountBalance column.
 COIN_FIELDS = {
@@ -70,14 +77,18 @@ def rows_from_wallet(item: dict[str, Any], exchange_ts_ms: int) -> list[dict[str
 
 class BalanceWriter:
     def __init__(self, conninfo: str, backoff_cap: float = 5.0) -> None:
-        self.conninfo = conninfo
+        # DATABASE_CONNECT_TIMEOUT arrives in the conninfo; 3 s when it does not.
+        self.conninfo = make_conninfo(**{"connect_timeout": 3, **conninfo_to_dict(conninfo)})
         self.backoff_cap = backoff_cap
         self.pending: dict[tuple[str, str], dict[str, Any]] = {}
+        self.writing: dict[tuple[str, str], dict[str, Any]] = {}  # the batch a worker thread is writing
         self.wakeup = asyncio.Event()
         self.conn: psycopg.Connection | None = None
         self.written = 0
+        self.rejected = 0
         self.failures = 0
         self.last_error = ""
+        self.throttle = LogThrottle()
 
     def offer(self, row: dict[str, Any]) -> None:
         """Queue a row for writing; a newer exchange time replaces what is pending."""
@@ -87,39 +98,100 @@ class BalanceWriter:
             self.pending[key] = row
         self.wakeup.set()
 
-    def write(self, rows: list[dict[str, Any]]) -> None:
-        """Upsert rows in one transaction (runs in a worker thread)."""
+    def write(self, rows: list[dict[str, Any]]) -> list[tuple[dict[str, Any], str]]:
+        """Upsert rows in one transaction (runs in a worker thread); return the rows the database refused, and why.
+
+        A value no column can hold (a data or constraint error) fails the whole batch; then each
+        row goes in its own transaction, so only the bad one is refused. Any other error (the
+        database is away) raises, and the caller keeps every row.
+        """
         if self.conn is None or self.conn.closed:
-            self.conn = psycopg.connect(self.conninfo, connect_timeout=3, autocommit=False)
+            self.conn = psycopg.connect(self.conninfo, autocommit=False)
         try:
-            with self.conn.transaction(), self.conn.cursor() as cursor:
-                cursor.executemany(UPSERT, rows)
+            try:
+                with self.conn.transaction(), self.conn.cursor() as cursor:
+                    cursor.executemany(UPSERT, rows)
+                return []
+            except ROW_ERRORS:
+                pass
+            refused = []
+            for row in rows:
+                try:
+                    with self.conn.transaction(), self.conn.cursor() as cursor:
+                        cursor.execute(UPSERT, row)
+                except ROW_ERRORS as exc:
+                    refused.append((row, f"{type(exc).__name__}: {exc}"[:200]))
+            return refused
         except psycopg.Error:
             self.conn.close()
             raise
 
     async def flush(self) -> bool:
-        """Try to write everything pending; False if the database refused."""
+        """Try to write everything pending; False if the database refused (rows it cannot hold are dropped)."""
         if not self.pending:
             return True
         batch, self.pending = self.pending, {}
+        self.writing = batch
         try:
-            await asyncio.to_thread(self.write, list(batch.values()))
+            refused = await asyncio.to_thread(self.write, list(batch.values()))
         except (psycopg.Error, OSError) as exc:
+            self.writing = {}
             for key, row in batch.items():  # keep them; anything newer that arrived wins
                 if key not in self.pending:
                     self.pending[key] = row
             self.failures += 1
             self.last_error = f"{type(exc).__name__}: {exc}"[:200]
             return False
-        self.written += len(batch)
+        # Cancelled (shutdown deadline) while the thread writes: `writing` keeps the batch for run() to report.
+        self.writing = {}
+        for row, error in refused:
+            self.reject(row, error)
+        self.written += len(batch) - len(refused)
         if self.failures:
             log.info("balances.recovered", written=len(batch), after_failures=self.failures)
             self.failures = 0
             self.last_error = ""
         return True
 
+    def reject(self, row: dict[str, Any], error: str) -> None:
+        """A row the table cannot hold is dropped (retrying cannot help); Bybit's next wallet update may fit."""
+        self.rejected += 1
+        suppressed = self.throttle.allow(f"rejected:{row['account_type']}:{row['coin']}")
+        if suppressed is not None:
+            log.error(
+                "balances.row_rejected",
+                account_type=row["account_type"],
+                coin=row["coin"],
+                exchange_ts=row["exchange_ts"].isoformat(),
+                error=error,
+                total=self.rejected,
+                suppressed=suppressed,
+            )
+
     async def run(self, stop: asyncio.Event) -> None:
+        """Write until `stop`, then once more; if shutdown cancels that, say what may be lost."""
+        try:
+            await self.write_until(stop)
+            if not await self.flush():
+                # Bybit sends the wallet again on the next change; say what this run could not store.
+                log.error(
+                    "balances.unwritten_at_shutdown", pending=len(self.pending), in_progress=0, error=self.last_error
+                )
+        except asyncio.CancelledError:
+            # The gateway's shutdown deadline came first: a write still running in its thread
+            # may or may not land; what was pending never will.
+            if self.pending or self.writing:
+                log.error(
+                    "balances.unwritten_at_shutdown",
+                    pending=len(self.pending),
+                    in_progress=len(self.writing),
+                    error="cancelled at the shutdown deadline",
+                )
+            raise
+        if self.conn is not None:
+            self.conn.close()
+
+    async def write_until(self, stop: asyncio.Event) -> None:
         attempt = 0
         while not stop.is_set():
             if await self.flush():
@@ -142,8 +214,3 @@ class BalanceWriter:
                 await asyncio.wait_for(stop.wait(), delay)
             except TimeoutError:
                 pass
-        if not await self.flush():
-            # Bybit sends the wallet again on the next change; say what this run could not store.
-            log.error("balances.unwritten_at_shutdown", pending=len(self.pending), error=self.last_error)
-        if self.conn is not None:
-            self.conn.close()

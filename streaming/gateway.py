@@ -116,14 +116,21 @@ class GatewayConfig:
         return f"{self.redis_prefix}gateway:epoch"
 
 
+# OPTIONS keys Django's PostgreSQL backend takes for itself; every other one is a libpq parameter.
+DJANGO_ONLY_OPTIONS = frozenset(("assume_role", "isolation_level", "pool", "server_side_binding", "cursor_factory",
+                                 "prepare_threshold", "context"))  # fmt: skip
+
+
 def database_conninfo(db: dict[str, Any]) -> str:
-    """A libpq connection string from Django's database settings."""
+    """A libpq connection string from Django's database settings, OPTIONS (sslmode, connect_timeout, ...) included."""
+    options = {key: value for key, value in (db.get("OPTIONS") or {}).items() if key not in DJANGO_ONLY_OPTIONS}
     return make_conninfo(
         host=db.get("HOST") or None,
         port=db.get("PORT") or None,
         dbname=db["NAME"],
         user=db.get("USER") or None,
         password=db.get("PASSWORD") or None,
+        **options,
     )
 
 
@@ -131,7 +138,12 @@ class Gateway:
     def __init__(self, config: GatewayConfig) -> None:
         self.config = config
         self.handoff = Handoff(config.handoff_size, config.backpressure_at, config.max_read_pause)
-        self.publisher = Publisher(config.rabbitmq_url, self.handoff, window=config.confirm_window)
+        self.publisher = Publisher(
+            config.rabbitmq_url,
+            self.handoff,
+            window=config.confirm_window,
+            healthy_after=config.socket.healthy_after,
+        )
         self.redis = aioredis.from_url(config.redis_url, socket_timeout=2, socket_connect_timeout=2)
         self.lock = OwnerLock(self.redis, config.lock_key, config.epoch_key, config.lock_ttl)
         self.status_writer = StatusWriter(self.redis, config.status_key, config.status_interval)

@@ -1,10 +1,11 @@
 """The RabbitMQ publisher: publisher confirms pipelined, on the gateway's event loop.
 
 Socket readers put events into a `Handoff` and kick the publisher, which writes them in the
-same loop tick: one thread, so no GIL hand-off between reading and publishing. py-amqp only
-opens the connection (handshake, channel, `confirm.select`); then the socket belongs to
-`AmqpProtocol`, which writes pre-packed Basic.Publish frames and reads the few frames RabbitMQ
-sends back: acks, nacks, heartbeats, blocked/unblocked, close.
+same loop tick: one thread, so no GIL hand-off between reading and publishing. `AmqpProtocol`
+owns the connection on the event loop's own transport (plain TCP, or TLS for amqps://): it
+does the AMQP handshake with pamqp (a maintained frame library), writes pre-packed
+Basic.Publish frames, takes acks and nacks on a fast path (confirms.py) and lets pamqp decode
+every other frame RabbitMQ sends: close, blocked/unblocked, heartbeats.
 
 Confirms are pipelined (perf-notes.md: waiting for each ack is 8x slower): up to `window`
 events are in flight, each kept by `Confirms` (confirms.py, which also reads the inbound frames)
@@ -15,26 +16,33 @@ first after reconnecting, so consumers may see a duplicate `id` but never a gap 
 from __future__ import annotations
 
 import asyncio
+import functools
 import random
+import ssl
 import struct
 import time
 from collections import deque
+from typing import Any, TypeVar
 from urllib.parse import unquote, urlsplit
 
 import amqp
 import structlog
+from pamqp import commands
+from pamqp import encode as pamqp_encode
+from pamqp.base import Frame
+from pamqp.exceptions import PAMQPException
+from pamqp.frame import marshal, unmarshal
+from pamqp.header import ProtocolHeader
+from pamqp.heartbeat import Heartbeat
 
 from streaming.confirms import (
+    FRAME_HEADER,
     METHOD_FRAME,
     NACK_RETRY_DELAY,
     Ack,
-    Blocked,
-    Close,
+    AmqpFrame,
     Confirms,
     FrameReader,
-    Method,
-    Nack,
-    Unblocked,
     decode_method,
 )
 from streaming.envelope import Event
@@ -44,9 +52,18 @@ from wsgateway.logging import LogThrottle
 log = structlog.get_logger(__name__)
 
 BATCH = 512  # events written per publishing pass, before acks get a turn
-HEARTBEAT = 30  # AMQP heartbeat, seconds: ours go out every third of it
+HEARTBEAT = 30  # AMQP heartbeat we ask for, seconds; RabbitMQ may want it shorter (Connection.Tune)
+FRAME_MAX = 131072  # largest frame we accept, bytes (py-amqp's and RabbitMQ's default)
+CONNECT_TIMEOUT = 10.0  # seconds for TCP, TLS and the AMQP handshake together
 PUBLISHER_CONNECTION_NAME = "ws-gateway publisher"
-HEARTBEAT_FRAME = b"\x08\x00\x00\x00\x00\x00\x00\xce"
+HEARTBEAT_FRAME = marshal(Heartbeat(), 0)
+ACK_METHODS = (b"\x00\x3c\x00\x50", b"\x00\x3c\x00\x78")  # basic.ack, basic.nack: the fast path
+CAPABILITIES = {  # what RabbitMQ may use on this connection
+    "publisher_confirms": True,
+    "basic.nack": True,
+    "connection.blocked": True,
+    "authentication_failure_close": True,
+}
 
 FRAME_END = b"\xce"
 # Basic.Publish header property flags: content-type, headers, delivery-mode, message-id, timestamp.
@@ -61,19 +78,28 @@ def shortstr(value: str) -> bytes:
     return bytes((len(raw),)) + raw
 
 
+@functools.cache
+def epoch_field(epoch: int) -> bytes:
+    """The `epoch` header entry; pamqp picks the integer's type (the smallest that fits), once per epoch."""
+    return b"\x05epoch" + pamqp_encode.table_integer(epoch)
+
+
 def encode_publish(channel_id: int, exchange: bytes, event: Event, frame_max: int) -> bytes:
     """The wire frames of one Basic.Publish: method, content header, body.
 
     py-amqp builds the same frames through generic, table-driven Python (most of its 60 µs a
     message); every event here has one fixed shape, so it is packed directly. The output is
-    checked against what a consumer reads back in tests/test_publisher.py.
+    checked byte for byte against pamqp's marshalling, and against what a consumer reads back,
+    in tests/test_publisher.py.
     """
     method = b"\x00\x3c\x00\x28\x00\x00" + exchange + shortstr(event.routing_key) + b"\x00"
     trace = event.trace_id.encode()
     klass = event.event_class.encode()
+    # Keys in sorted order, as pamqp writes tables (the test compares byte for byte).
     table = (
-        b"\x08trace_idS" + struct.pack(">I", len(trace)) + trace + b"\x05classS" + struct.pack(">I", len(klass)) + klass
-        + b"\x05epochl" + struct.pack(">q", event.epoch)
+        b"\x05classS" + struct.pack(">I", len(klass)) + klass
+        + epoch_field(event.epoch)
+        + b"\x08trace_idS" + struct.pack(">I", len(trace)) + trace
     )  # fmt: skip
     body = event.body
     header = (
@@ -98,6 +124,25 @@ def encode_publish(channel_id: int, exchange: bytes, event: Event, frame_max: in
         piece = body[start : start + chunk]
         parts += [struct.pack(">BHI", 3, channel_id, len(piece)), piece, FRAME_END]
     return b"".join(parts)
+
+
+def encode_each(
+    events: list[Event], channel_id: int, exchange: bytes, frame_max: int
+) -> tuple[list[Event], list[bytes], list[tuple[Event, str]]]:
+    """Encode one by one: the events kept with their frames, and those AMQP cannot carry, with why.
+
+    An event set aside (a routing key over 255 bytes) gets no delivery tag, so the tags of the
+    others stay in step with RabbitMQ's count.
+    """
+    kept, frames, refused = [], [], []
+    for event in events:
+        try:
+            frames.append(encode_publish(channel_id, exchange, event, frame_max))
+        except ValueError as exc:
+            refused.append((event, str(exc)[:200]))
+            continue
+        kept.append(event)
+    return kept, frames, refused
 
 
 class Handoff:
@@ -154,15 +199,62 @@ class Handoff:
             await asyncio.sleep(0.002)
 
 
+def negotiate(ours: int, theirs: int) -> int:
+    """A Connection.Tune limit both sides accept: the smaller one, where 0 means "no limit" on either side."""
+    return min(ours, theirs) if ours and theirs else max(ours, theirs)
+
+
+def tls_settings() -> dict[str, Any]:
+    """RABBITMQ_TLS_* as read now (tests and operators may change them between connections)."""
+    from django.conf import settings
+
+    return {
+        "ca_file": settings.RABBITMQ_TLS_CA_FILE,
+        "verify": settings.RABBITMQ_TLS_VERIFY,
+        "cert_file": settings.RABBITMQ_TLS_CERT_FILE,
+        "key_file": settings.RABBITMQ_TLS_KEY_FILE,
+    }
+
+
+def ssl_context(ca_file: str = "", verify: bool = True, cert_file: str = "", key_file: str = "") -> ssl.SSLContext:
+    """The publisher's TLS context for amqps://: certificate and host name checked unless `verify` is off."""
+    context = ssl.create_default_context(cafile=ca_file or None)
+    if not verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    if cert_file:
+        context.load_cert_chain(cert_file, key_file or None)
+    return context
+
+
+def ssl_options(host: str, ca_file: str = "", verify: bool = True, cert_file: str = "", key_file: str = "") -> dict:
+    """The same TLS settings as py-amqp's `ssl` options (Connection(ssl=...), its SSLTransport._wrap_socket_sni).
+
+    With `server_hostname`, py-amqp checks the host name; it cannot be combined with CERT_NONE,
+    so an unverified connection goes without it (and without SNI).
+    """
+    options: dict[str, Any] = {"cert_reqs": ssl.CERT_REQUIRED if verify else ssl.CERT_NONE}
+    if verify:
+        options["server_hostname"] = host
+        if ca_file:
+            options["ca_certs"] = ca_file
+    if cert_file:
+        options["certfile"] = cert_file
+        options["keyfile"] = key_file or None
+    return options
+
+
 def amqp_params(url: str) -> dict[str, object]:
+    """py-amqp's Connection arguments for `url`; amqps:// adds the RABBITMQ_TLS_* settings."""
     parts = urlsplit(url)
     vhost = unquote(parts.path[1:]) if len(parts.path) > 1 else "/"
+    tls = parts.scheme == "amqps"
     return {
-        "host": f"{parts.hostname}:{parts.port or 5672}",
+        "host": f"{parts.hostname}:{parts.port or (5671 if tls else 5672)}",
         "userid": unquote(parts.username or "guest"),
         "password": unquote(parts.password or "guest"),
         "virtual_host": vhost,
-        "ssl": parts.scheme == "amqps",
+        "ssl": ssl_options(parts.hostname or "", **tls_settings()) if tls else False,
     }
 
 
@@ -175,58 +267,155 @@ def connect(url: str, timeout: float = 10.0, heartbeat: int = 0, name: str = "ws
     return conn
 
 
+MethodT = TypeVar("MethodT", bound=Frame)
+
+
 class AmqpProtocol(asyncio.Protocol):
-    """The publishing connection after the handshake: writes frames, reads confirms."""
+    """The publishing connection: AMQP handshake, then writes frames and reads confirms.
+
+    No socket options of its own (no read timeout): the negotiated heartbeat judges liveness.
+    """
 
     def __init__(self, publisher: Publisher) -> None:
         self.publisher = publisher
         self.transport: asyncio.Transport | None = None
         self.reader = FrameReader()
-        self.paused = False  # TCP write buffer full, or RabbitMQ said connection.blocked
+        self.writing_paused = False  # the TCP write buffer is full
+        self.blocked_by_broker = False  # RabbitMQ said connection.blocked
         self.closed: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self.last_received = time.monotonic()
+        self.inbox: asyncio.Queue[Frame | str] | None = asyncio.Queue()  # handshake replies; str: lost
+        self.heartbeat = 0  # seconds, negotiated; 0: off
+        self.frame_max = FRAME_MAX
+
+    @property
+    def writable(self) -> bool:
+        return not (self.writing_paused or self.blocked_by_broker or self.closed.done()) and self.transport is not None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        self.transport.write(marshal(ProtocolHeader(), 0))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost(f"{type(exc).__name__}: {exc}" if exc else "closed by the peer")
 
     def lost(self, reason: str) -> None:
-        if not self.closed.done():
-            self.closed.set_result(reason)
+        """The connection is unusable: say why (once) and drop it, discarding unsent data."""
+        self.finish(reason)
         if self.transport is not None:
             self.transport.abort()
 
+    def finish(self, reason: str) -> None:
+        if not self.closed.done():
+            self.closed.set_result(reason)
+        if self.inbox is not None:
+            self.inbox.put_nowait(reason)
+
+    def close_after(self, frames: bytes, reason: str) -> None:
+        """Write `frames` (a Close or Close-Ok), then close: the buffered data still goes out first."""
+        self.finish(reason)
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(frames)
+            self.transport.close()
+
+    def send(self, channel: int, method: Frame) -> None:
+        assert self.transport is not None
+        self.transport.write(marshal(method, channel))
+
     def pause_writing(self) -> None:
-        self.paused = True
+        self.writing_paused = True
 
     def resume_writing(self) -> None:
-        self.paused = False
+        self.writing_paused = False
         self.publisher.kick()
 
     def data_received(self, data: bytes) -> None:
         self.last_received = time.monotonic()
-        for frame in self.reader.feed(data):
-            if frame.kind == METHOD_FRAME:
-                self.on_method(decode_method(frame.payload))
+        for amqp_frame in self.reader.feed(data):
+            if amqp_frame.kind == METHOD_FRAME and amqp_frame.payload.startswith(ACK_METHODS):
+                method = decode_method(amqp_frame.payload)
+                if type(method) is Ack:
+                    self.publisher.on_ack(method.delivery_tag, method.multiple)
+                else:
+                    self.publisher.on_nack(method.delivery_tag, method.multiple)  # type: ignore[union-attr]
+            elif amqp_frame.kind != 8:  # heartbeats only prove the connection alive
+                self.on_frame(amqp_frame)
         if self.reader.malformed:
             self.lost("malformed frame from RabbitMQ")
 
-    def on_method(self, method: Method | None) -> None:
-        match method:
-            case Ack():
-                self.publisher.on_ack(method.delivery_tag, method.multiple)
-            case Nack():
-                self.publisher.on_nack(method.delivery_tag, method.multiple)
-            case Blocked():
-                self.paused = True
-                log.warning("publisher.blocked_by_broker")
-            case Unblocked():
-                self.paused = False
+    def on_frame(self, amqp_frame: AmqpFrame) -> None:
+        """Any frame but an ack or a heartbeat: pamqp decodes it."""
+        raw = FRAME_HEADER.pack(amqp_frame.kind, amqp_frame.channel, len(amqp_frame.payload)) + amqp_frame.payload
+        try:
+            _, channel, value = unmarshal(raw + b"\xce")
+        except PAMQPException as exc:
+            self.lost(f"undecodable frame from RabbitMQ: {exc}"[:200])
+            return
+        match value:
+            case commands.Connection.Close():
+                reason = f"closed by RabbitMQ: {value.reply_code} {value.reply_text}"
+                self.close_after(marshal(commands.Connection.CloseOk(), 0), reason)
+            case commands.Channel.Close():
+                # The channel is gone and with it the confirm mode: start over on a new connection.
+                reason = f"channel closed by RabbitMQ: {value.reply_code} {value.reply_text}"
+                goodbye = commands.Connection.Close(200, "channel closed", 0, 0)
+                self.close_after(marshal(commands.Channel.CloseOk(), channel) + marshal(goodbye, 0), reason)
+            case commands.Connection.CloseOk():
+                self.lost("closed")
+            case commands.Connection.Blocked():
+                self.blocked_by_broker = True
+                log.warning("publisher.blocked_by_broker", reason=value.reason)
+            case commands.Connection.Unblocked():
+                self.blocked_by_broker = False
+                log.info("publisher.unblocked_by_broker")
                 self.publisher.kick()
-            case Close():
-                self.lost(f"closed by RabbitMQ: {method.code} {method.text}")
+            case _ if self.inbox is not None:
+                self.inbox.put_nowait(value)
+
+    async def beat(self) -> None:
+        """Send a heartbeat every half agreed period; a connection silent for two periods is dead."""
+        period = self.heartbeat
+        while not self.closed.done():
+            await asyncio.sleep(period / 2)
+            if time.monotonic() - self.last_received > period * 2:
+                self.lost(f"no heartbeat from RabbitMQ for {period * 2} s")
+                return
+            if self.transport is not None:
+                self.transport.write(HEARTBEAT_FRAME)
+
+    async def expect(self, kind: type[MethodT]) -> MethodT:
+        """The next handshake reply, which must be a `kind`; ConnectionError if the connection ends first."""
+        assert self.inbox is not None
+        value = await self.inbox.get()
+        if isinstance(value, str):
+            raise ConnectionError(value)
+        if not isinstance(value, kind):
+            raise ConnectionError(f"expected {kind.name} from RabbitMQ, got {value.name}")
+        return value
+
+    async def handshake(self, url: str, heartbeat: int, name: str, exchange: str) -> None:
+        """Log in, open channel 1 with the exchange declared and confirms on; then the connection publishes."""
+        parts = urlsplit(url)
+        user, password = unquote(parts.username or "guest"), unquote(parts.password or "guest")
+        start = await self.expect(commands.Connection.Start)
+        if "PLAIN" not in start.mechanisms.split():
+            raise ConnectionError(f"RabbitMQ does not offer PLAIN login: {start.mechanisms}")
+        properties = {"product": "ws-gateway", "connection_name": name, "capabilities": CAPABILITIES}
+        self.send(0, commands.Connection.StartOk(properties, "PLAIN", f"\0{user}\0{password}"))
+        tune = await self.expect(commands.Connection.Tune)
+        self.heartbeat = negotiate(heartbeat, tune.heartbeat) if heartbeat else 0
+        self.frame_max = negotiate(FRAME_MAX, tune.frame_max)
+        self.send(0, commands.Connection.TuneOk(tune.channel_max, self.frame_max, self.heartbeat))
+        vhost = unquote(parts.path[1:]) if len(parts.path) > 1 else "/"
+        self.send(0, commands.Connection.Open(vhost))
+        await self.expect(commands.Connection.OpenOk)
+        self.send(1, commands.Channel.Open())
+        await self.expect(commands.Channel.OpenOk)
+        self.send(1, commands.Exchange.Declare(exchange=exchange, exchange_type="topic", durable=True))
+        await self.expect(commands.Exchange.DeclareOk)
+        self.send(1, commands.Confirm.Select())
+        await self.expect(commands.Confirm.SelectOk)
+        self.inbox = None
 
 
 class Publisher:
@@ -239,27 +428,37 @@ class Publisher:
         window: int = 2000,
         backoff_base: float = 0.5,
         backoff_cap: float = 10.0,
+        healthy_after: float = 60.0,
+        heartbeat: int = HEARTBEAT,
     ) -> None:
         self.url = url
         self.handoff = handoff
         self.window = window
         self.backoff_base = backoff_base
         self.backoff_cap = backoff_cap
+        self.healthy_after = healthy_after  # seconds up before a connection resets the backoff
+        self.heartbeat_wanted = heartbeat
+        self.attempt = 0  # consecutive connections that failed or died young: the backoff exponent
         self.confirms = Confirms(NACK_RETRY_DELAY)
         self.reconnects = 0
         self.last_error = ""
         self.throttle = LogThrottle()
         self.protocol: AmqpProtocol | None = None
         self.channel_id = 1
-        self.frame_max = 131072
+        self.frame_max = FRAME_MAX
         self.scheduled = False
         self.nack_timer: asyncio.TimerHandle | None = None
         self.settled_event = asyncio.Event()
-        self.handshake: amqp.Connection | None = None
+        self.unencodable = 0
 
     @property
     def connected(self) -> bool:
         return self.protocol is not None and not self.protocol.closed.done()
+
+    @property
+    def blocked(self) -> bool:
+        """RabbitMQ said connection.blocked (an alarm: memory or disk) and has not unblocked yet."""
+        return self.protocol is not None and self.protocol.blocked_by_broker
 
     @property
     def in_flight(self) -> int:
@@ -299,63 +498,65 @@ class Publisher:
         """Keep a connection up and publishing; return once `stop` is set and nothing is left.
 
         A stop request does not end reconnecting while events are unconfirmed: they still need
-        a broker. The caller bounds that by cancelling this task at its own deadline.
+        a broker. The caller bounds that by cancelling this task at its own deadline. The backoff
+        grows until a connection has stayed up `healthy_after` seconds: a broker that accepts
+        the handshake and then drops us at once is not hammered.
         """
-        attempt = 0
         while not (stop.is_set() and self.drained):
             try:
                 await self.open()
-            except (OSError, amqp.exceptions.AMQPError, TimeoutError) as exc:
+            except (OSError, TimeoutError) as exc:
                 self.last_error = f"{type(exc).__name__}: {exc}"[:200]
             else:
-                attempt = 0
                 assert self.protocol is not None
-                heartbeat = asyncio.create_task(self.heartbeat(self.protocol))
+                opened_at = time.monotonic()
+                beating = asyncio.create_task(self.protocol.beat()) if self.protocol.heartbeat else None
                 reason = await self.protocol.closed
-                heartbeat.cancel()
+                if beating is not None:
+                    beating.cancel()
+                if time.monotonic() - opened_at >= self.healthy_after:
+                    self.attempt = 0
                 if stop.is_set() and self.drained:
                     return
                 self.connection_lost(reason)
-            delay = random.uniform(0, min(self.backoff_cap, self.backoff_base * 2**attempt))
-            attempt += 1
+            delay = random.uniform(0, min(self.backoff_cap, self.backoff_base * 2**self.attempt))
+            self.attempt += 1
             log.warning(
-                "publisher.reconnecting", delay=round(delay, 3), error=self.last_error, in_flight=self.in_flight
+                "publisher.reconnecting",
+                delay=round(delay, 3),
+                attempt=self.attempt,
+                error=self.last_error,
+                in_flight=self.in_flight,
             )
             await asyncio.sleep(delay)
 
     async def open(self) -> None:
-        """Handshake with py-amqp off the loop, then hand its socket to AmqpProtocol."""
-        conn = await asyncio.to_thread(self.handshake_blocking)
-        sock = conn.transport.sock
-        sock.setblocking(False)
+        """Connect on the loop's own transport (TLS for amqps://), handshake with pamqp, then publish."""
+        parts = urlsplit(self.url)
+        tls = parts.scheme == "amqps"
         loop = asyncio.get_running_loop()
-        _, protocol = await loop.create_connection(lambda: AmqpProtocol(self), sock=sock)
-        self.handshake = conn  # kept so its socket object is not closed under us
+        async with asyncio.timeout(CONNECT_TIMEOUT):
+            _, protocol = await loop.create_connection(
+                lambda: AmqpProtocol(self),
+                parts.hostname,
+                parts.port or (5671 if tls else 5672),
+                ssl=ssl_context(**tls_settings()) if tls else None,
+                server_hostname=parts.hostname if tls else None,
+            )
+            try:
+                await protocol.handshake(self.url, self.heartbeat_wanted, PUBLISHER_CONNECTION_NAME, EXCHANGE)
+            except BaseException:
+                protocol.lost("handshake failed")
+                raise
         self.protocol = protocol
-        self.frame_max = conn.frame_max
+        self.frame_max = protocol.frame_max
         log.info(
             "publisher.reconnected" if self.reconnects else "publisher.connected",
             republishing=len(self.confirms.retry),
+            heartbeat=protocol.heartbeat,
+            tls=tls,
         )
         self.kick()
-
-    def handshake_blocking(self) -> amqp.Connection:
-        conn = connect(self.url, heartbeat=HEARTBEAT, name=PUBLISHER_CONNECTION_NAME)
-        channel = conn.channel()
-        channel.exchange_declare(EXCHANGE, "topic", durable=True, auto_delete=False)
-        channel.confirm_select()
-        self.channel_id = channel.channel_id
-        return conn
-
-    async def heartbeat(self, protocol: AmqpProtocol) -> None:
-        """Send ours; a connection silent for two heartbeat periods is dead."""
-        while True:
-            await asyncio.sleep(HEARTBEAT / 3)
-            if time.monotonic() - protocol.last_received > HEARTBEAT * 2:
-                protocol.lost("no heartbeat from RabbitMQ")
-                return
-            if protocol.transport is not None:
-                protocol.transport.write(HEARTBEAT_FRAME)
 
     def connection_lost(self, reason: str) -> None:
         """Queue every unconfirmed event for publishing again, oldest first."""
@@ -369,7 +570,7 @@ class Publisher:
         """Write waiting events, up to the confirm window and BATCH per pass."""
         self.scheduled = False
         protocol = self.protocol
-        if protocol is None or protocol.paused or protocol.closed.done() or protocol.transport is None:
+        if protocol is None or not protocol.writable:
             return
         confirms = self.confirms
         confirms.take_due(time.monotonic())
@@ -379,14 +580,36 @@ class Publisher:
         while len(events) < room and (event := take()) is not None:
             events.append(event)
         if events:
+            taken = len(events)
             channel_id, exchange, frame_max = self.channel_id, shortstr(EXCHANGE), self.frame_max
-            frames = [encode_publish(channel_id, exchange, event, frame_max) for event in events]
+            try:
+                frames = [encode_publish(channel_id, exchange, event, frame_max) for event in events]
+            except ValueError:
+                events, frames, refused = encode_each(events, channel_id, exchange, frame_max)
+                self.set_aside(refused)
             confirms.sent(events)
-            protocol.transport.write(b"".join(frames))
-            if len(events) == BATCH:
+            protocol.transport.write(b"".join(frames))  # type: ignore[union-attr]
+            if taken == BATCH:
                 self.kick()  # more may wait: let acks and readers in first, then go on
         if confirms.parked and self.nack_timer is None:
             self.nack_timer = asyncio.get_running_loop().call_later(NACK_RETRY_DELAY, self.retry_nacked)
+
+    def set_aside(self, refused: list[tuple[Event, str]]) -> None:
+        """Events AMQP cannot carry: logged and counted, never retried (nothing about them will change)."""
+        self.unencodable += len(refused)
+        suppressed = self.throttle.allow("unencodable")
+        if suppressed is not None:
+            event, error = refused[0]
+            log.error(
+                "publisher.unencodable",
+                id=event.id,
+                trace_id=event.trace_id,
+                event_class=event.event_class,
+                routing_key=event.routing_key[:80],
+                error=error,
+                total=self.unencodable,
+                suppressed=suppressed + len(refused) - 1,
+            )
 
     def retry_nacked(self) -> None:
         self.nack_timer = None
@@ -434,5 +657,7 @@ class Publisher:
         return True
 
     def close(self) -> None:
+        """Say goodbye to RabbitMQ (Connection.Close) and close once the buffered frames are out."""
         if self.protocol is not None:
-            self.protocol.lost("closed by the gateway")
+            goodbye = marshal(commands.Connection.Close(200, "gateway stopping", 0, 0), 0)
+            self.protocol.close_after(goodbye, "closed by the gateway")

@@ -103,6 +103,7 @@ def status_record(gw: Gateway) -> dict[str, Any]:
             "connected": publisher.connected,
             "reconnects": publisher.reconnects,
             "last_error": publisher.last_error,
+            "blocked": publisher.blocked,
         },
         "nudges_connected": bool(gw.nudges and gw.nudges.connected),
         "counters": {
@@ -115,6 +116,7 @@ def status_record(gw: Gateway) -> dict[str, Any]:
             "dropped": gw.handoff.dropped + publisher.market_nack_drops,
             "malformed": counters.malformed,
             "quarantined": counters.quarantined,
+            "unencodable": publisher.unencodable,
         },
         "malformed_by_reason": dict(counters.malformed_by_reason),
         "quarantined_by_reason": dict(counters.quarantined_by_reason),
@@ -129,6 +131,7 @@ def status_record(gw: Gateway) -> dict[str, Any]:
         "balances": {
             "pending": len(gw.balances.pending),
             "written": gw.balances.written,
+            "rejected": gw.balances.rejected,
             "last_error": gw.balances.last_error,
         },
     }

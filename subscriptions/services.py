@@ -145,7 +145,9 @@ def nudge_gateway(*, reason: str, subscription_ids: list[str]) -> bool:
     message = {"event": topics.CONTROL_ROUTING_KEY, "reason": reason, "subscription_ids": subscription_ids,
                "ts": time.time()}  # fmt: skip
     try:
-        with Connection(settings.RABBITMQ_URL, connect_timeout=NUDGE_TIMEOUT) as conn:
+        with Connection(
+            settings.RABBITMQ_URL, connect_timeout=NUDGE_TIMEOUT, ssl=settings.CELERY_BROKER_USE_SSL
+        ) as conn:
             producer = Producer(conn.channel(), exchange=CONTROL_EXCHANGE, serializer="json")
             producer.publish(
                 message,

@@ -136,3 +136,78 @@ def test_a_database_outage_loses_no_balance(proxy: Proxy) -> None:
              message="every coin equal to its last event after the database came back")  # fmt: skip
     loop.call_soon_threadsafe(stop.set)
     thread.join(5)
+
+
+def run_writer(writer: BalanceWriter) -> tuple[asyncio.AbstractEventLoop, asyncio.Event, threading.Thread]:
+    """The writer's run() on its own loop in a thread, as the gateway runs it."""
+    loop = asyncio.new_event_loop()
+    stop = asyncio.Event()
+    thread = threading.Thread(target=lambda: loop.run_until_complete(writer.run(stop)), daemon=True)
+    thread.start()
+    return loop, stop, thread
+
+
+def test_the_database_options_reach_the_balance_connection() -> None:
+    """DATABASES OPTIONS (sslmode, connect_timeout, ...) apply to the writer's own connection too."""
+    db = {**settings.DATABASES["default"], "OPTIONS": {"sslmode": "require", "isolation_level": 1}}
+    writer = BalanceWriter(database_conninfo(db))
+    writer.offer(wallet(1_000, "1")[0])
+    assert not asyncio.run(writer.flush())  # the local server has no TLS: sslmode=require was used
+    assert "SSL" in writer.last_error
+    db["OPTIONS"] = {"sslmode": "disable", "connect_timeout": 2}
+    writer = BalanceWriter(database_conninfo(db))
+    writer.offer(wallet(1_000, "1")[0])
+    assert asyncio.run(writer.flush())
+    assert written() == Decimal("1")
+    writer.conn.close()
+
+
+def test_a_poison_row_is_dropped_and_every_other_row_written() -> None:
+    """A value the column cannot hold fails only its own row, now and for every later write."""
+    writer = BalanceWriter(database_conninfo(settings.DATABASES["default"]), backoff_cap=0.2)
+    loop, stop, thread = run_writer(writer)
+    poison = wallet(1_000, "1e30", coin="BAD")[0]  # numeric(40, 18) holds 22 integer digits
+    for row in (wallet(1_000, "1", coin="BTC")[0], poison, wallet(1_000, "2", coin="ETH")[0]):
+        loop.call_soon_threadsafe(writer.offer, row)
+    wait_for(lambda: written("BTC") == Decimal("1") and written("ETH") == Decimal("2"), message="the good rows")
+    loop.call_soon_threadsafe(writer.offer, wallet(2_000, "3", coin="BTC")[0])
+    wait_for(lambda: written("BTC") == Decimal("3"), message="a later write")
+    assert writer.rejected == 1 and not writer.pending
+    assert not AccountBalance.objects.filter(coin="BAD").exists()
+    loop.call_soon_threadsafe(stop.set)
+    thread.join(5)
+
+
+def test_balances_still_pending_when_shutdown_gives_up_are_logged() -> None:
+    """A write stuck behind a lock when the gateway stops: the `balances.unwritten_at_shutdown` line says how many."""
+    import psycopg
+    import structlog
+
+    writer = BalanceWriter(database_conninfo(settings.DATABASES["default"]))
+    writer.write(wallet(1_000, "1"))  # the row exists, so the next upsert waits for the lock below
+    locker = psycopg.connect(database_conninfo(settings.DATABASES["default"]))
+    locker.execute("SELECT 1 FROM streaming_accountbalance FOR UPDATE")
+
+    async def gateway() -> None:
+        stop = asyncio.Event()
+        task = asyncio.create_task(writer.run(stop))
+        writer.offer(wallet(2_000, "2")[0])
+        writer.offer(wallet(2_000, "5", coin="ETH")[0])
+        while writer.pending:  # until the write of both has begun (and waits for the lock)
+            await asyncio.sleep(0.01)
+        stop.set()
+        await asyncio.wait({task}, timeout=0.5)  # as Gateway.shutdown gives the writers a deadline
+
+    with structlog.testing.capture_logs() as logs:
+        loop = asyncio.new_event_loop()
+        loop.run_until_complete(gateway())
+        for task in asyncio.all_tasks(loop):  # what asyncio.run does with tasks still running at the end
+            task.cancel()
+        loop.run_until_complete(asyncio.gather(*asyncio.all_tasks(loop), return_exceptions=True))
+        locker.rollback()
+        loop.run_until_complete(loop.shutdown_default_executor())
+        loop.close()
+    (line,) = [e for e in logs if e["event"] == "balances.unwritten_at_shutdown"]
+    assert (line["pending"], line["in_progress"]) == (0, 2)  # the two were being written: outcome unknown
+    locker.close()
+    writer.conn.close()

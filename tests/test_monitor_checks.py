@@ -214,6 +214,20 @@ def test_quarantined_private_items_warn_until_an_hour_passes_without_one(setting
     assert gateway_alerts({**record, "quarantined_at": None}, NOW) == []
 
 
+def test_a_blocked_publisher_is_critical_and_set_aside_events_warn() -> None:
+    record = status(publisher={"connected": True, "blocked": True}, counters={"unencodable": 2})
+    found = gateway_alerts(record, NOW)
+    assert [(a.name, a.severity, a.details) for a in found] == [
+        ("gateway.publisher.blocked", "critical", {}),
+        ("gateway.publisher.unencodable", "warning", {"events": 2}),
+    ]
+
+
+def test_balance_rows_the_database_refused_warn() -> None:
+    (alert,) = gateway_alerts(status(balances={"pending": 0, "rejected": 1}), NOW)
+    assert (alert.name, alert.severity, alert.details) == ("gateway.balances.rejected", "warning", {"rows": 1})
+
+
 @pytest.mark.parametrize("state", ["starting", "standby", "stopping"])
 def test_a_gateway_not_running_yet_or_any_more_is_judged_on_freshness_only(state: str) -> None:
     record = status(state=state, sockets=[{"name": "linear-1", "state": "connecting"}], publisher={"connected": False})

@@ -5,13 +5,18 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Iterator
+from datetime import UTC, datetime
 
 import amqp
 import orjson
 import pytest
+from pamqp import commands
+from pamqp.body import ContentBody
+from pamqp.frame import marshal
+from pamqp.header import ContentHeader
 
 from streaming.envelope import Event
-from streaming.publisher import Handoff, Publisher, connect
+from streaming.publisher import Handoff, Publisher, connect, encode_publish, shortstr
 from subscriptions.topics import EXCHANGE
 from tests.conftest import close_publisher_connections, wait_for
 
@@ -192,3 +197,57 @@ def test_forced_connection_close_loses_nothing(rabbit: str, channel: amqp.Channe
     got = read_all(channel, "t.outage", fed, timeout=30)
     assert {orjson.loads(m.body)["n"] for m in got} == set(range(fed))
     assert publisher.republished > 0
+
+
+def pamqp_publish(channel_id: int, event: Event, frame_max: int) -> bytes:
+    """The same publish as pamqp, a maintained AMQP library, marshals it."""
+    method = commands.Basic.Publish(exchange=EXCHANGE, routing_key=event.routing_key)
+    properties = commands.Basic.Properties(
+        content_type="application/json",
+        headers={"trace_id": event.trace_id, "class": event.event_class, "epoch": event.epoch},
+        delivery_mode=2 if event.private else 1,
+        message_id=event.id,
+        timestamp=datetime.fromtimestamp(event.received_ts // 1000, UTC),
+    )
+    frames = [marshal(method, channel_id), marshal(ContentHeader(0, len(event.body), properties), channel_id)]
+    chunk = frame_max - 8
+    frames += [marshal(ContentBody(event.body[i : i + chunk]), channel_id) for i in range(0, len(event.body), chunk)]
+    return b"".join(frames)
+
+
+@pytest.mark.parametrize(
+    "event",
+    [
+        make_event(1),
+        make_event(2, private=True, routing_key="order.linear.BTCUSDT"),
+        make_event(3, size=300_000),  # three body frames
+        make_event(4, routing_key="k" * 255),  # the longest short string
+        make_event(5, epoch=300),
+        make_event(6, epoch=70_000),
+        make_event(7, epoch=2**40 + 7),
+    ],
+    ids=["market", "private", "large", "long-key", "epoch-short", "epoch-int", "epoch-long"],
+)
+def test_encode_publish_is_byte_for_byte_what_pamqp_marshals(event: Event) -> None:
+    """The hand-packed Basic.Publish, content header and body frames equal pamqp's."""
+    assert encode_publish(3, shortstr(EXCHANGE), event, 131072) == pamqp_publish(3, event, 131072)
+
+
+def test_an_unencodable_event_is_set_aside_and_its_batch_goes_out(rabbit: str, channel: amqp.Channel) -> None:
+    """A 300-character routing key cannot be an AMQP short string: only that event is kept back.
+
+    Every other event of the batch is published and confirmed, and the delivery tags stay in
+    step with RabbitMQ's (the next batch is confirmed exactly too).
+    """
+    declare(channel, "t.unencodable")
+    handoff = Handoff(100)
+    for n in range(10):
+        handoff.put(make_event(n, private=True, routing_key="x" * 300 if n == 4 else "order.linear.BTCUSDT"))
+    publisher = run_publisher(rabbit, handoff)
+    wait_for(lambda: publisher.confirmed == 9 and not publisher.in_flight, message="the nine good events confirmed")
+    for n in range(10, 20):
+        publisher.put(make_event(n, private=True, routing_key="order.linear.BTCUSDT"))
+    assert publisher.stop(10)
+    got = read_all(channel, "t.unencodable", 19)
+    assert sorted(orjson.loads(m.body)["n"] for m in got) == [n for n in range(20) if n != 4]
+    assert (publisher.published, publisher.confirmed, publisher.unencodable) == (19, 19, 1)

@@ -31,6 +31,8 @@ def run_check(**env: str) -> subprocess.CompletedProcess[str]:
         ("REDIS_URL", "redis://h:port/0", "REDIS_URL is not a valid URL"),
         ("LOG_FORMAT", "xml", "LOG_FORMAT='xml' is not one of json, console"),
         ("DJANGO_DEBUG", "maybe", "DJANGO_DEBUG='maybe' is not a boolean"),
+        ("RABBITMQ_TLS_CA_FILE", "/nonexistent/ca.pem", "RABBITMQ_TLS_CA_FILE='/nonexistent/ca.pem' is not a file"),
+        ("RABBITMQ_TLS_VERIFY", "perhaps", "RABBITMQ_TLS_VERIFY='perhaps' is not a boolean"),
     ],
 )
 def test_bad_value_stops_startup_naming_the_variable(name: str, value: str, expected: str) -> None:

@@ -6,6 +6,7 @@ variable (ImproperlyConfigured); secrets have no production-valid default and ar
 
 from __future__ import annotations
 
+import ssl
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -76,6 +77,14 @@ def env_url(name: str, default: str, schemes: tuple[str, ...]) -> str:
             f"{name} must be a URL starting with {' or '.join(s + '://' for s in schemes)} and naming a host"
         )
     return raw
+
+
+def env_file(name: str) -> str:
+    """Return the path in `name`, checked to be a file; empty when unset."""
+    path = env.str(name, default="").strip()
+    if path and not Path(path).is_file():
+        raise ImproperlyConfigured(f"{name}={path!r} is not a file")
+    return path
 
 
 # Django core
@@ -157,6 +166,15 @@ WHITENOISE_USE_FINDERS = DEBUG
 
 # Services
 RABBITMQ_URL = env_url("RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672//", ("amqp", "amqps"))
+# TLS for amqps:// URLs: the CA that signed the broker's certificate (empty: the system CAs),
+# whether to verify it and the host name (never turn off in production), and an optional client
+# certificate for brokers that require one.
+RABBITMQ_TLS_CA_FILE = env_file("RABBITMQ_TLS_CA_FILE")
+RABBITMQ_TLS_VERIFY = env_bool("RABBITMQ_TLS_VERIFY", True)
+RABBITMQ_TLS_CERT_FILE = env_file("RABBITMQ_TLS_CERT_FILE")
+RABBITMQ_TLS_KEY_FILE = env_file("RABBITMQ_TLS_KEY_FILE")
+if RABBITMQ_TLS_KEY_FILE and not RABBITMQ_TLS_CERT_FILE:
+    raise ImproperlyConfigured("RABBITMQ_TLS_KEY_FILE is set without RABBITMQ_TLS_CERT_FILE")
 RABBITMQ_MANAGEMENT_URL = env.str("RABBITMQ_MANAGEMENT_URL", default="http://127.0.0.1:15672")
 if RABBITMQ_MANAGEMENT_URL:
     RABBITMQ_MANAGEMENT_URL = env_url("RABBITMQ_MANAGEMENT_URL", RABBITMQ_MANAGEMENT_URL, ("http", "https"))
@@ -260,6 +278,16 @@ if ALERT_WEBHOOK_URL:
 
 # Celery: RabbitMQ broker, Redis results, JSON only.
 CELERY_BROKER_URL = RABBITMQ_URL
+# py-amqp's TLS options for amqps:// (kombu fills in server_hostname from the URL); also used by the API's nudges.
+CELERY_BROKER_USE_SSL: dict | bool = False
+if RABBITMQ_URL.startswith("amqps://"):
+    CELERY_BROKER_USE_SSL = {"cert_reqs": ssl.CERT_REQUIRED if RABBITMQ_TLS_VERIFY else ssl.CERT_NONE}
+    if RABBITMQ_TLS_VERIFY:
+        CELERY_BROKER_USE_SSL["server_hostname"] = None
+    if RABBITMQ_TLS_CA_FILE:
+        CELERY_BROKER_USE_SSL["ca_certs"] = RABBITMQ_TLS_CA_FILE
+    if RABBITMQ_TLS_CERT_FILE:
+        CELERY_BROKER_USE_SSL.update(certfile=RABBITMQ_TLS_CERT_FILE, keyfile=RABBITMQ_TLS_KEY_FILE or None)
 CELERY_RESULT_BACKEND = env_url("CELERY_RESULT_BACKEND", REDIS_URL, ("redis", "rediss", "unix"))
 CELERY_ACCEPT_CONTENT = ["json"]
 CELERY_TASK_SERIALIZER = "json"

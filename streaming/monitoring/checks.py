@@ -134,4 +134,13 @@ def gateway_alerts(status: dict[str, Any] | None, now: float) -> list[Alert]:
             "last_at": quarantined_at,
         }
         alerts.append(Alert("gateway.quarantined", "gateway", "warning", details))
+    if publisher.get("blocked"):
+        # A RabbitMQ resource alarm (memory or disk): nothing is published until it clears.
+        alerts.append(Alert("gateway.publisher.blocked", "gateway", "critical", {}))
+    counters = status.get("counters") or {}
+    if counters.get("unencodable"):
+        alerts.append(Alert("gateway.publisher.unencodable", "gateway", "warning", {"events": counters["unencodable"]}))
+    balances = status.get("balances") or {}
+    if balances.get("rejected"):
+        alerts.append(Alert("gateway.balances.rejected", "gateway", "warning", {"rows": balances["rejected"]}))
     return alerts

@@ -35,6 +35,7 @@ GATEWAY_COUNTERS = {
     "nacked": ("wsgateway_gateway_nacked", "Publishes RabbitMQ refused (kept and retried for private events)"),
     "dropped": ("wsgateway_gateway_dropped", "Market events dropped by the hand-off policy"),
     "malformed": ("wsgateway_gateway_malformed", "Bybit frames that could not be used"),
+    "unencodable": ("wsgateway_gateway_unencodable", "Events AMQP cannot carry (routing key > 255 bytes), set aside"),
 }
 # QueueSample field -> (metric name, help)
 QUEUE_GAUGES = {

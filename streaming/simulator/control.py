@@ -46,9 +46,10 @@ PARTLY_BAD_ORDERS: dict[str, Any] = {
     "creationTime": int(AT),
     "data": [
         private.order_item(0, 0, {"orderId": "sim-good-1", "createdTime": AT, "updatedTime": AT}, None),
-        {k: v for k, v in private.order_item(0, 0, {"orderId": "sim-bad", "createdTime": AT, "updatedTime": AT}, None).items()
-         if k != "category"},
-        private.order_item(0, 0, {"orderId": "sim-good-2", "symbol": "ETHUSDT", "createdTime": AT, "updatedTime": AT}, None),
+        {k: v for k, v in private.order_item(0, 0, {"orderId": "sim-bad", "createdTime": AT, "updatedTime": AT},
+                                             None).items() if k != "category"},
+        private.order_item(0, 0, {"orderId": "sim-good-2", "symbol": "ETHUSDT", "createdTime": AT,
+                                  "updatedTime": AT}, None),
     ],
 }  # fmt: skip
 PARTLY_BAD_WALLET: dict[str, Any] = {
