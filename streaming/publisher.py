@@ -4,12 +4,18 @@ Socket readers put events into a `Handoff` and kick the publisher, which writes 
 same loop tick: one thread, so no GIL hand-off between reading and publishing. py-amqp only
 opens the connection (handshake, channel, `confirm.select`); then the socket belongs to
 `AmqpProtocol`, which writes pre-packed Basic.Publish frames and reads the few frames RabbitMQ
-sends back: acks, nacks, heartbeats, blocked/unblocked, close.
+sends back: acks, nacks, returns, heartbeats, blocked/unblocked, close.
 
 Confirms are pipelined (perf-notes.md: waiting for each ack is 8x slower): up to `window`
 events are in flight, each kept by `Confirms` (confirms.py, which also reads the inbound frames)
 until RabbitMQ acks it. When the connection is lost, every unconfirmed event is published again
 first after reconnecting, so consumers may see a duplicate `id` but never a gap (at-least-once).
+
+Market data goes to the topic exchange, whose alternate exchange keeps what no queue is bound
+for. Private events go to each service queue that wants them (`Routes`), one `mandatory`
+publish per queue through the default exchange: a full queue refuses (nack) or a missing one
+returns only its own copy, which waits in that queue's lane and is retried with a backoff,
+while the other queues get theirs at once.
 """
 
 from __future__ import annotations
@@ -19,14 +25,17 @@ import random
 import struct
 import time
 from collections import deque
+from collections.abc import Callable, Iterable
 from urllib.parse import unquote, urlsplit
 
 import amqp
 import structlog
 
 from streaming.confirms import (
+    HEADER_FRAME,
     METHOD_FRAME,
-    NACK_RETRY_DELAY,
+    PARK_LIMIT,
+    TOPIC_LANE,
     Ack,
     Blocked,
     Close,
@@ -34,8 +43,11 @@ from streaming.confirms import (
     FrameReader,
     Method,
     Nack,
+    Return,
+    Routes,
     Unblocked,
     decode_method,
+    message_id,
 )
 from streaming.envelope import Event
 from subscriptions.topics import EXCHANGE
@@ -49,6 +61,8 @@ PUBLISHER_CONNECTION_NAME = "ws-gateway publisher"
 HEARTBEAT_FRAME = b"\x08\x00\x00\x00\x00\x00\x00\xce"
 
 FRAME_END = b"\xce"
+DEFAULT_EXCHANGE = b"\x00"  # "" as a short string: routes by queue name, has no alternate exchange
+MANDATORY = b"\x01"  # Basic.Publish bits: mandatory is bit 0 (immediate, bit 1, RabbitMQ refuses)
 # Basic.Publish header property flags: content-type, headers, delivery-mode, message-id, timestamp.
 PROPERTY_FLAGS = 0x8000 | 0x2000 | 0x1000 | 0x0080 | 0x0040
 CONTENT_TYPE = b"\x10application/json"
@@ -61,14 +75,17 @@ def shortstr(value: str) -> bytes:
     return bytes((len(raw),)) + raw
 
 
-def encode_publish(channel_id: int, exchange: bytes, event: Event, frame_max: int) -> bytes:
+def encode_publish(
+    channel_id: int, exchange: bytes, event: Event, frame_max: int, queue: str = "", bits: bytes = b"\x00"
+) -> bytes:
     """The wire frames of one Basic.Publish: method, content header, body.
 
     py-amqp builds the same frames through generic, table-driven Python (most of its 60 µs a
     message); every event here has one fixed shape, so it is packed directly. The output is
-    checked against what a consumer reads back in tests/test_publisher.py.
+    checked against what a consumer reads back in tests/test_publisher.py. With `queue`, the
+    routing key is that queue's name (for the default exchange) instead of the event's.
     """
-    method = b"\x00\x3c\x00\x28\x00\x00" + exchange + shortstr(event.routing_key) + b"\x00"
+    method = b"\x00\x3c\x00\x28\x00\x00" + exchange + shortstr(queue or event.routing_key) + bits
     trace = event.trace_id.encode()
     klass = event.event_class.encode()
     table = (
@@ -174,6 +191,29 @@ def connect(url: str, timeout: float = 10.0, heartbeat: int = 0, name: str = "ws
     return conn
 
 
+def declare_events_exchange(conn: amqp.Connection, channel: amqp.Channel) -> amqp.Channel:
+    """Declare the events exchange (topic, durable, no arguments); return the channel to go on with.
+
+    Its alternate exchange is set by a policy (reconciler.py `Bindings`), not an argument, so
+    every client that declares it plainly (consumers, tail_events) keeps working. One made with
+    arguments by someone else is used as it is: RabbitMQ refuses a redeclare with other
+    arguments (PRECONDITION_FAILED, which closes the channel), and refusing to publish would
+    lose far more than the difference.
+    """
+    try:
+        channel.exchange_declare(EXCHANGE, "topic", durable=True, auto_delete=False)
+        return channel
+    except amqp.exceptions.PreconditionFailed as exc:
+        if EXCHANGE_THROTTLE.allow("exchange") is not None:
+            log.warning("exchange.arguments_differ", exchange=EXCHANGE, error=str(exc)[:300])
+        channel = conn.channel()
+        channel.exchange_declare(EXCHANGE, "topic", passive=True)
+        return channel
+
+
+EXCHANGE_THROTTLE = LogThrottle(interval=600.0)
+
+
 class AmqpProtocol(asyncio.Protocol):
     """The publishing connection after the handshake: writes frames, reads confirms."""
 
@@ -184,6 +224,7 @@ class AmqpProtocol(asyncio.Protocol):
         self.paused = False  # TCP write buffer full, or RabbitMQ said connection.blocked
         self.closed: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self.last_received = time.monotonic()
+        self.returning: Return | None = None  # a basic.return whose content header is still to come
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -209,6 +250,9 @@ class AmqpProtocol(asyncio.Protocol):
         for frame in self.reader.feed(data):
             if frame.kind == METHOD_FRAME:
                 self.on_method(decode_method(frame.payload))
+            elif frame.kind == HEADER_FRAME and self.returning is not None:
+                self.publisher.on_return(self.returning, message_id(frame.payload))
+                self.returning = None  # its body frames, the only others we get, are skipped
         if self.reader.malformed:
             self.lost("malformed frame from RabbitMQ")
 
@@ -218,6 +262,8 @@ class AmqpProtocol(asyncio.Protocol):
                 self.publisher.on_ack(method.delivery_tag, method.multiple)
             case Nack():
                 self.publisher.on_nack(method.delivery_tag, method.multiple)
+            case Return():
+                self.returning = method
             case Blocked():
                 self.paused = True
                 log.warning("publisher.blocked_by_broker")
@@ -238,13 +284,18 @@ class Publisher:
         window: int = 2000,
         backoff_base: float = 0.5,
         backoff_cap: float = 10.0,
+        park_limit: int = PARK_LIMIT,
+        on_route_lost: Callable[[], None] | None = None,
     ) -> None:
         self.url = url
         self.handoff = handoff
         self.window = window
         self.backoff_base = backoff_base
         self.backoff_cap = backoff_cap
-        self.confirms = Confirms(NACK_RETRY_DELAY)
+        self.confirms = Confirms(park_limit=park_limit)
+        self.routes = Routes()
+        # Called on every (re)connect and every return: queues or bindings may be gone, declare them again.
+        self.on_route_lost = on_route_lost
         self.reconnects = 0
         self.last_error = ""
         self.throttle = LogThrottle()
@@ -252,7 +303,8 @@ class Publisher:
         self.channel_id = 1
         self.frame_max = 131072
         self.scheduled = False
-        self.nack_timer: asyncio.TimerHandle | None = None
+        self.retry_timer: asyncio.TimerHandle | None = None
+        self.retry_timer_at = 0.0
         self.settled_event = asyncio.Event()
         self.handshake: amqp.Connection | None = None
 
@@ -283,6 +335,11 @@ class Publisher:
     @property
     def market_nack_drops(self) -> int:
         return self.confirms.market_nack_drops
+
+    def route_private(self, bindings: Iterable[tuple[str, str]]) -> None:
+        """Set which queues private events go to: (queue, routing key pattern) of each live private subscription."""
+        if self.routes.set(bindings):
+            self.confirms.forget_idle(queue for queue, _ in self.routes.bindings)
 
     def kick(self) -> None:
         """Publish what is waiting, later in this loop tick (once, however many kicks)."""
@@ -336,12 +393,13 @@ class Publisher:
             "publisher.reconnected" if self.reconnects else "publisher.connected",
             republishing=len(self.confirms.retry),
         )
+        if self.reconnects and self.on_route_lost is not None:
+            self.on_route_lost()  # a broker that restarted without its definitions has no queues
         self.kick()
 
     def handshake_blocking(self) -> amqp.Connection:
         conn = connect(self.url, heartbeat=HEARTBEAT, name=PUBLISHER_CONNECTION_NAME)
-        channel = conn.channel()
-        channel.exchange_declare(EXCHANGE, "topic", durable=True, auto_delete=False)
+        channel = declare_events_exchange(conn, conn.channel())
         channel.confirm_select()
         self.channel_id = channel.channel_id
         return conn
@@ -365,30 +423,61 @@ class Publisher:
         log.warning("publisher.connection_lost", error=self.last_error, unconfirmed=len(pending))
 
     def pump(self) -> None:
-        """Write waiting events, up to the confirm window and BATCH per pass."""
+        """Write waiting events, up to the confirm window and BATCH per pass: private lanes first."""
         self.scheduled = False
         protocol = self.protocol
         if protocol is None or protocol.paused or protocol.closed.done() or protocol.transport is None:
             return
         confirms = self.confirms
-        confirms.take_due(time.monotonic())
+        if self.handoff.private:
+            self.fan_out(self.handoff.private)
         room = min(BATCH, self.window - len(confirms.unconfirmed))
-        events = confirms.take_retries(room)  # published again before anything new
+        channel_id, exchange, frame_max = self.channel_id, shortstr(EXCHANGE), self.frame_max
+        frames = []
+        if confirms.busy and room > 0:
+            now = time.monotonic()
+            for lane in list(confirms.busy.values()):
+                for event in confirms.take_lane(lane, room - len(frames), now):
+                    if lane.queue == TOPIC_LANE:
+                        frames.append(encode_publish(channel_id, exchange, event, frame_max))
+                    else:
+                        frames.append(
+                            encode_publish(channel_id, DEFAULT_EXCHANGE, event, frame_max, lane.queue, MANDATORY)
+                        )
+        events = confirms.take_retries(room - len(frames))  # published again before anything new
         take = self.handoff.take
-        while len(events) < room and (event := take()) is not None:
+        while len(frames) + len(events) < room and (event := take()) is not None:
             events.append(event)
         if events:
-            channel_id, exchange, frame_max = self.channel_id, shortstr(EXCHANGE), self.frame_max
-            frames = [encode_publish(channel_id, exchange, event, frame_max) for event in events]
+            frames += [encode_publish(channel_id, exchange, event, frame_max) for event in events]
             confirms.sent(events)
+        if frames:
             protocol.transport.write(b"".join(frames))
-            if len(events) == BATCH:
+            if len(frames) == BATCH:
                 self.kick()  # more may wait: let acks and readers in first, then go on
-        if confirms.parked and self.nack_timer is None:
-            self.nack_timer = asyncio.get_running_loop().call_later(NACK_RETRY_DELAY, self.retry_nacked)
+        self.schedule_retry()
 
-    def retry_nacked(self) -> None:
-        self.nack_timer = None
+    def fan_out(self, private: deque[Event]) -> None:
+        """Move private events from the hand-off into the lane of every queue bound for them."""
+        queues, hold = self.routes.queues, self.confirms.hold
+        while private:
+            event = private.popleft()
+            for queue in queues(event.routing_key) or (TOPIC_LANE,):
+                hold(queue, event)
+
+    def schedule_retry(self) -> None:
+        """Wake up when the earliest refused queue may be tried again."""
+        at = self.confirms.next_retry_at()
+        if at is None or (self.retry_timer is not None and self.retry_timer_at <= at):
+            return
+        if self.retry_timer is not None:
+            self.retry_timer.cancel()
+        loop = asyncio.get_running_loop()
+        self.retry_timer_at = at
+        self.retry_timer = loop.call_later(max(0.0, at - time.monotonic()), self.retry_parked)
+
+    def retry_parked(self) -> None:
+        self.retry_timer = None
         self.kick()
 
     def on_ack(self, delivery_tag: int, multiple: bool) -> None:
@@ -404,10 +493,28 @@ class Publisher:
                 "publisher.nacked",
                 trace_id=refused[-1].trace_id if refused else "",
                 total=self.confirms.nacks,
+                parked=self.confirms.parked(),
                 suppressed=suppressed,
                 hint="a queue is full",
             )
         self.after_settle()
+
+    def on_return(self, returned: Return, message_id: str) -> None:
+        """A private publish reached no queue (it was deleted): retry it, and have the queues declared again."""
+        event = self.confirms.returned(returned.routing_key, message_id, time.monotonic())
+        suppressed = self.throttle.allow("return")
+        if suppressed is not None:
+            log.warning(
+                "publisher.returned",
+                queue=returned.routing_key,
+                reply=f"{returned.code} {returned.text}",
+                trace_id=event.trace_id if event else "",
+                total=self.confirms.returns,
+                suppressed=suppressed,
+            )
+        if self.on_route_lost is not None:
+            self.on_route_lost()
+        self.kick()
 
     def after_settle(self) -> None:
         if not self.in_flight and not len(self.handoff):
