@@ -455,7 +455,12 @@ class Confirms:
         return {queue: lane.parked for queue, lane in self.busy.items() if lane.parked}
 
     def spilled_by_queue(self) -> dict[str, int]:
+        """Queue -> events sent to its overflow queue since the gateway started."""
         return {queue: lane.spilled for queue, lane in self.lanes.items() if lane.spilled}
+
+    def spilling(self) -> list[str]:
+        """The queues whose later events go to their overflow queue now."""
+        return sorted(queue for queue, lane in self.lanes.items() if lane.spilling)
 
     def overflow_queues(self) -> list[str]:
         """The overflow queues events were sent to, for the reconciler to declare."""

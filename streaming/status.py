@@ -90,6 +90,7 @@ def status_record(gw: Gateway) -> dict[str, Any]:
         "in_flight": publisher.in_flight,
         "private": {
             "parked": publisher.confirms.parked(),
+            "spilling": publisher.confirms.spilling(),
             "spilled": publisher.confirms.spilled_by_queue(),
             "queues": len(publisher.confirms.lanes),
         },

@@ -42,6 +42,14 @@ def order_ids(messages: list[dict]) -> list[str]:
     return [m["data"]["orderId"] for m in messages]
 
 
+def private_status() -> dict:
+    """What an operator sees of private delivery: the gateway's status record in Redis."""
+    client = redis_client(1.0)
+    status = read_gateway_status(client) or {}
+    client.close()
+    return status.get("private", {})
+
+
 def test_deleted_order_queue_is_declared_again_and_gets_every_order(start_gateway, simulator, rabbit) -> None:
     """An operator deletes a service's order queue: orders emitted meanwhile and after all reach the new queue."""
     runner = start_gateway()
@@ -98,11 +106,7 @@ def test_full_queue_stalls_only_itself_and_later_gets_every_order_in_order(
     healthy.wait(lambda m: len(m) >= 20, message="twenty orders for alpha")
 
     def bravo_parked() -> int:
-        """What an operator sees: the status record in Redis."""
-        client = redis_client(1.0)
-        status = read_gateway_status(client) or {}
-        client.close()
-        return status.get("private", {}).get("parked", {}).get("ws-gateway.bravo.order", 0)
+        return private_status().get("parked", {}).get("ws-gateway.bravo.order", 0)
 
     wait_for(lambda: bravo_parked() == 15, message="bravo's refused orders parked")
     full = QueueReader(rabbit, "ws-gateway.bravo.order")
@@ -114,3 +118,52 @@ def test_full_queue_stalls_only_itself_and_later_gets_every_order_in_order(
     assert order_ids(healthy.messages) == sent  # each once, in order: bravo's refusals caused no copies
     healthy.close()
     full.close()
+
+
+def test_past_the_park_limit_orders_go_to_the_overflow_queue_and_none_is_lost(
+    start_gateway, gateway_settings, simulator, rabbit
+) -> None:
+    """Bravo's queue takes 2, the gateway parks 3 more; later orders go to `<queue>.overflow`, in order."""
+    gateway_settings.QUEUE_MAX_LENGTH = {**gateway_settings.QUEUE_MAX_LENGTH, "order": 2}
+    gateway_settings.GATEWAY_PARK_LIMIT = 3
+    start_gateway()
+    bravo, _ = subscription_create(service_name="bravo", channel="order")
+    wait_for(lambda: active(bravo), message="the order subscription active")
+    sent = emit_orders(simulator, 3)
+    wait_for(lambda: private_status().get("parked", {}).get("ws-gateway.bravo.order") == 1, message="one parked")
+    sent += emit_orders(simulator, 7, first=3)
+    wait_for(lambda: "ws-gateway.bravo.order" in private_status().get("spilling", []), message="spilling")
+    wait_for(lambda: queue_exists(rabbit, "ws-gateway.bravo.order.overflow"), message="the overflow queue")
+    overflow = QueueReader(rabbit, "ws-gateway.bravo.order.overflow")
+    overflow.wait(lambda m: len(m) >= 5, message="five orders in the overflow queue")
+    queue = QueueReader(rabbit, "ws-gateway.bravo.order")
+    queue.wait(lambda m: len(m) >= 5, message="the queue's own two, then the three parked")
+    queue.drain(0.3)
+    overflow.drain(0.3)
+    assert order_ids(queue.messages) == sent[:5]
+    assert order_ids(overflow.messages) == sent[5:]
+    wait_for(lambda: not private_status().get("spilling"), message="caught up: no longer spilling")
+    queue.close()
+    overflow.close()
+
+
+def test_market_events_for_a_deleted_queue_land_in_the_unroutable_queue_and_raise_an_alert(
+    start_gateway, gateway_settings, simulator, rabbit
+) -> None:
+    """The alternate exchange keeps what no queue was bound for; the monitor warns; the queue comes back."""
+    from streaming.monitoring.readings import read_unroutable_depth
+    from streaming.monitoring.runs import check_queues
+
+    gateway_settings.GATEWAY_REDECLARE_INTERVAL = 3.0
+    start_gateway()
+    trades, _ = subscription_create(service_name="alpha", channel="trades", category="linear", symbol="BTCUSDT")
+    wait_for(lambda: active(trades), message="the trade subscription active")
+    assert management_api(queue_url(rabbit, "ws-gateway.alpha.trade"), "DELETE").status_code == 204
+    wait_for(lambda: (read_unroutable_depth() or 0) > 0, message="trades kept in ws-gateway.unroutable")
+    client = redis_client(1.0)
+    assert "queue.unroutable:firing" in check_queues(client)["events"]
+    client.close()
+    wait_for(lambda: queue_exists(rabbit, "ws-gateway.alpha.trade"), timeout=8, message="the queue declared again")
+    reader = QueueReader(rabbit, "ws-gateway.alpha.trade")
+    reader.wait(lambda m: len(m) >= 3, message="trades flowing to the queue again")
+    reader.close()

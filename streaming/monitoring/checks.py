@@ -10,9 +10,14 @@ from typing import Any
 from django.conf import settings
 
 from streaming.monitoring.readings import QueueReading
+from streaming.reconciler import UNROUTABLE
 
-QUEUE_FAMILIES = ("queue.backlog", "queue.retention", "queue.no_consumer", "queue.slow_consumer", "rabbitmq")
-GATEWAY_FAMILIES = ("gateway.status", "gateway.socket", "gateway.circuit", "gateway.publisher")
+QUEUE_FAMILIES = (
+    "queue.backlog", "queue.retention", "queue.no_consumer", "queue.slow_consumer", "queue.unroutable", "rabbitmq",
+)  # fmt: skip
+GATEWAY_FAMILIES = (
+    "gateway.status", "gateway.socket", "gateway.circuit", "gateway.publisher", "queue.private_rejecting",
+)  # fmt: skip
 LEVELS = ("warning", "critical")
 
 
@@ -86,13 +91,33 @@ def queue_alerts(reading: QueueReading, fill: float | None, earlier_depths: list
     return alerts
 
 
+def unroutable_alerts(depth: int | None) -> list[Alert]:
+    """Messages in ws-gateway.unroutable: events the exchange had no queue for (a queue or binding is missing)."""
+    if not depth:
+        return []
+    return [Alert("queue.unroutable", UNROUTABLE, "warning", {"depth": depth})]
+
+
+def private_alerts(private: dict[str, Any]) -> list[Alert]:
+    """A queue refusing private events (full, or gone): the gateway parks them; critical once it spills them."""
+    parked, spilling, spilled = private.get("parked") or {}, private.get("spilling") or [], private.get("spilled") or {}
+    alerts = []
+    for queue in sorted(set(parked) | set(spilling)):
+        details = {"parked": parked.get(queue, 0), "spilled": spilled.get(queue, 0), "spilling": queue in spilling}
+        if queue in spilling:
+            alerts.append(Alert("queue.private_rejecting.critical", queue, "critical", details))
+        else:
+            alerts.append(Alert("queue.private_rejecting.warning", queue, "warning", details))
+    return alerts
+
+
 def worst(alerts: Iterable[Alert]) -> str:
     severities = {a.severity for a in alerts}
     return "critical" if "critical" in severities else "warning" if "warning" in severities else "ok"
 
 
 def gateway_alerts(status: dict[str, Any] | None, now: float) -> list[Alert]:
-    """What the gateway's status record says is wrong: missing or stale, sockets down, circuit open."""
+    """What the gateway's status record says is wrong: missing or stale, sockets down, circuit open, queues refusing."""
     if status is None:
         return [Alert("gateway.status.stale", "gateway", "critical", {"reason": "no status record"})]
     age = now - status.get("updated_at", 0)
@@ -112,4 +137,5 @@ def gateway_alerts(status: dict[str, Any] | None, now: float) -> list[Alert]:
     publisher = status.get("publisher") or {}
     if publisher and not publisher.get("connected"):
         alerts.append(Alert("gateway.publisher.down", "gateway", "critical", {"error": publisher.get("last_error")}))
+    alerts += private_alerts(status.get("private") or {})
     return alerts
