@@ -187,6 +187,7 @@ class Routes:
 
     def __init__(self) -> None:
         self.bindings: frozenset[tuple[str, str]] = frozenset()  # (queue, routing key pattern)
+        self.queue_names: frozenset[str] = frozenset()
         self.patterns: list[tuple[str, list[str]]] = []
         self.cache: dict[str, tuple[str, ...]] = {}  # routing key -> queues: few keys, asked per event
 
@@ -196,9 +197,14 @@ class Routes:
         if new == self.bindings:
             return False
         self.bindings = new
+        self.queue_names = frozenset(queue for queue, _ in new)
         self.patterns = [(queue, pattern.split(".")) for queue, pattern in sorted(new)]
         self.cache = {}
         return True
+
+    def routes_to(self, queue: str) -> bool:
+        """True for a queue a live subscription wants, or the overflow queue of one."""
+        return queue.removesuffix(OVERFLOW_SUFFIX) in self.queue_names
 
     def queues(self, routing_key: str) -> tuple[str, ...]:
         """Every queue bound for `routing_key`, each once, in name order."""
@@ -304,6 +310,14 @@ class Confirms:
         lane.next_seq += 1
         self.busy[lane.queue] = lane
         return lane
+
+    def fan_out(self, private: deque[Event], routes: Routes) -> None:
+        """Move private events from the hand-off into the lane of every queue bound for them (TOPIC_LANE if none)."""
+        queues, hold = routes.queues, self.hold
+        while private:
+            event = private.popleft()
+            for queue in queues(event.routing_key) or (TOPIC_LANE,):
+                hold(queue, event)
 
     def take_lane(self, lane: Lane, limit: int, now: float) -> list[Event]:
         """Up to `limit` of the lane's waiting events that may go out now, oldest first, recorded as published."""

@@ -35,7 +35,6 @@ from streaming.confirms import (
     HEADER_FRAME,
     METHOD_FRAME,
     PARK_LIMIT,
-    TOPIC_LANE,
     Ack,
     Blocked,
     Close,
@@ -294,8 +293,7 @@ class Publisher:
         self.backoff_cap = backoff_cap
         self.confirms = Confirms(park_limit=park_limit)
         self.routes = Routes()
-        # Called on every (re)connect and every return: queues or bindings may be gone, declare them again.
-        self.on_route_lost = on_route_lost
+        self.on_route_lost = on_route_lost  # after a reconnect or a return: have the queues declared again
         self.reconnects = 0
         self.last_error = ""
         self.throttle = LogThrottle()
@@ -331,10 +329,6 @@ class Publisher:
     @property
     def nacks(self) -> int:
         return self.confirms.nacks
-
-    @property
-    def market_nack_drops(self) -> int:
-        return self.confirms.market_nack_drops
 
     def route_private(self, bindings: Iterable[tuple[str, str]]) -> None:
         """Set which queues private events go to: (queue, routing key pattern) of each live private subscription."""
@@ -430,23 +424,21 @@ class Publisher:
             return
         confirms = self.confirms
         if self.handoff.private:
-            self.fan_out(self.handoff.private)
+            confirms.fan_out(self.handoff.private, self.routes)
         room = min(BATCH, self.window - len(confirms.unconfirmed))
         channel_id, exchange, frame_max = self.channel_id, shortstr(EXCHANGE), self.frame_max
         frames = []
         if confirms.busy and room > 0:
             now = time.monotonic()
             for lane in list(confirms.busy.values()):
+                # A service queue by name through the default exchange, or (TOPIC_LANE) the events exchange.
+                to, bits = (DEFAULT_EXCHANGE, MANDATORY) if lane.queue else (exchange, b"\x00")
                 for event in confirms.take_lane(lane, room - len(frames), now):
-                    if lane.queue == TOPIC_LANE:
-                        frames.append(encode_publish(channel_id, exchange, event, frame_max))
-                    else:
-                        frames.append(
-                            encode_publish(channel_id, DEFAULT_EXCHANGE, event, frame_max, lane.queue, MANDATORY)
-                        )
-        events = confirms.take_retries(room - len(frames))  # published again before anything new
+                    frames.append(encode_publish(channel_id, to, event, frame_max, lane.queue, bits))
+            room -= len(frames)
+        events = confirms.take_retries(room)  # published again before anything new
         take = self.handoff.take
-        while len(frames) + len(events) < room and (event := take()) is not None:
+        while len(events) < room and (event := take()) is not None:
             events.append(event)
         if events:
             frames += [encode_publish(channel_id, exchange, event, frame_max) for event in events]
@@ -455,26 +447,17 @@ class Publisher:
             protocol.transport.write(b"".join(frames))
             if len(frames) == BATCH:
                 self.kick()  # more may wait: let acks and readers in first, then go on
-        self.schedule_retry()
-
-    def fan_out(self, private: deque[Event]) -> None:
-        """Move private events from the hand-off into the lane of every queue bound for them."""
-        queues, hold = self.routes.queues, self.confirms.hold
-        while private:
-            event = private.popleft()
-            for queue in queues(event.routing_key) or (TOPIC_LANE,):
-                hold(queue, event)
+        if confirms.busy:
+            self.schedule_retry()
 
     def schedule_retry(self) -> None:
         """Wake up when the earliest refused queue may be tried again."""
         at = self.confirms.next_retry_at()
-        if at is None or (self.retry_timer is not None and self.retry_timer_at <= at):
-            return
-        if self.retry_timer is not None:
-            self.retry_timer.cancel()
-        loop = asyncio.get_running_loop()
-        self.retry_timer_at = at
-        self.retry_timer = loop.call_later(max(0.0, at - time.monotonic()), self.retry_parked)
+        if at is not None and (self.retry_timer is None or at < self.retry_timer_at):
+            if self.retry_timer is not None:
+                self.retry_timer.cancel()
+            self.retry_timer_at = at
+            self.retry_timer = asyncio.get_running_loop().call_later(max(0.0, at - time.monotonic()), self.retry_parked)
 
     def retry_parked(self) -> None:
         self.retry_timer = None
@@ -487,8 +470,7 @@ class Publisher:
     def on_nack(self, delivery_tag: int, multiple: bool) -> None:
         """RabbitMQ refused: a private queue is full (reject-publish). Keep private events."""
         refused = self.confirms.nack(delivery_tag, multiple, time.monotonic())
-        suppressed = self.throttle.allow("nack")
-        if suppressed is not None:
+        if (suppressed := self.throttle.allow("nack")) is not None:
             log.warning(
                 "publisher.nacked",
                 trace_id=refused[-1].trace_id if refused else "",
@@ -502,8 +484,7 @@ class Publisher:
     def on_return(self, returned: Return, message_id: str) -> None:
         """A private publish reached no queue (it was deleted): retry it, and have the queues declared again."""
         event = self.confirms.returned(returned.routing_key, message_id, time.monotonic())
-        suppressed = self.throttle.allow("return")
-        if suppressed is not None:
+        if (suppressed := self.throttle.allow("return")) is not None:
             log.warning(
                 "publisher.returned",
                 queue=returned.routing_key,
@@ -512,8 +493,8 @@ class Publisher:
                 total=self.confirms.returns,
                 suppressed=suppressed,
             )
-        if self.on_route_lost is not None:
-            self.on_route_lost()
+        if self.on_route_lost is not None and self.routes.routes_to(returned.routing_key):
+            self.on_route_lost()  # not for a queue no subscription wants any more: it stays gone
         self.kick()
 
     def after_settle(self) -> None:

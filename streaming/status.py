@@ -80,7 +80,7 @@ def status_record(gw: Gateway) -> dict[str, Any]:
             "returned": publisher.confirms.returns,
             "spilled": publisher.confirms.spilled,
             "reordered": publisher.confirms.reordered,
-            "dropped": gw.handoff.dropped + publisher.market_nack_drops,
+            "dropped": gw.handoff.dropped + publisher.confirms.market_nack_drops,
             "malformed": counters.malformed,
         },
         "malformed_by_reason": dict(counters.malformed_by_reason),
