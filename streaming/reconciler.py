@@ -264,7 +264,7 @@ class Bindings:
     def declare_exchanges(self, channel: amqp.Channel) -> amqp.Channel:
         """The events exchange, and its alternate exchange into the bounded queue of what nothing was bound for."""
         assert self.conn is not None
-        channel = declare_events_exchange(self.conn, channel)
+        self.channel = channel = declare_events_exchange(self.conn, channel)  # a new one if it had to reopen
         channel.exchange_declare(UNROUTABLE, "fanout", durable=True, auto_delete=False)
         channel.queue_declare(UNROUTABLE, durable=True, auto_delete=False, arguments=UNROUTABLE_ARGUMENTS)
         channel.queue_bind(UNROUTABLE, UNROUTABLE, "")
