@@ -53,6 +53,8 @@ class GatewayConfig:
     circuit_window: float
     circuit_cooldown: float
     reconcile_interval: float
+    redeclare_interval: float
+    park_limit: int
     handoff_size: int
     confirm_window: int
     lock_ttl: float
@@ -91,6 +93,8 @@ class GatewayConfig:
             circuit_window=s.GATEWAY_CIRCUIT_WINDOW,
             circuit_cooldown=s.GATEWAY_CIRCUIT_COOLDOWN,
             reconcile_interval=s.GATEWAY_RECONCILE_INTERVAL,
+            redeclare_interval=s.GATEWAY_REDECLARE_INTERVAL,
+            park_limit=s.GATEWAY_PARK_LIMIT,
             handoff_size=s.GATEWAY_HANDOFF_SIZE,
             confirm_window=s.GATEWAY_CONFIRM_WINDOW,
             lock_ttl=s.GATEWAY_LOCK_TTL,
@@ -143,6 +147,7 @@ class Gateway:
             self.handoff,
             window=config.confirm_window,
             healthy_after=config.socket.healthy_after,
+            park_limit=config.park_limit,
         )
         self.redis = aioredis.from_url(config.redis_url, socket_timeout=2, socket_connect_timeout=2)
         self.lock = OwnerLock(self.redis, config.lock_key, config.epoch_key, config.lock_ttl)
@@ -152,6 +157,7 @@ class Gateway:
         self.market = MarketState(self.cache, self.balances)
         self.envelopes = Envelopes(state=self.market if config.orderbooks else None)
         self.reconciler = Reconciler(self, config.reconcile_interval)
+        self.publisher.on_route_lost = self.reconciler.redeclare
         self.breakers: dict[str, CircuitBreaker] = {}  # by endpoint URL
         self.budget = ConnectionBudget()
         self.sockets: dict[str, BybitSocket] = {}

@@ -4,13 +4,19 @@ Socket readers put events into a `Handoff` and kick the publisher, which writes 
 same loop tick: one thread, so no GIL hand-off between reading and publishing. `AmqpProtocol`
 owns the connection on the event loop's own transport (plain TCP, or TLS for amqps://): it
 does the AMQP handshake with pamqp (a maintained frame library), writes pre-packed
-Basic.Publish frames, takes acks and nacks on a fast path (confirms.py) and lets pamqp decode
-every other frame RabbitMQ sends: close, blocked/unblocked, heartbeats.
+Basic.Publish frames, takes acks, nacks and returns on a fast path (confirms.py) and lets
+pamqp decode every other frame RabbitMQ sends: close, blocked/unblocked, heartbeats.
 
 Confirms are pipelined (perf-notes.md: waiting for each ack is 8x slower): up to `window`
 events are in flight, each kept by `Confirms` (confirms.py, which also reads the inbound frames)
 until RabbitMQ acks it. When the connection is lost, every unconfirmed event is published again
 first after reconnecting, so consumers may see a duplicate `id` but never a gap (at-least-once).
+
+Market data goes to the topic exchange, whose alternate exchange keeps what no queue is bound
+for. Private events go to each service queue that wants them (`Routes`), one `mandatory`
+publish per queue through the default exchange: a full queue refuses (nack) or a missing one
+returns only its own copy, which waits in that queue's lane and is retried with a backoff,
+while the other queues get theirs at once.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import ssl
 import struct
 import time
 from collections import deque
+from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 from urllib.parse import unquote, urlsplit
 
@@ -37,13 +44,17 @@ from pamqp.heartbeat import Heartbeat
 
 from streaming.confirms import (
     FRAME_HEADER,
+    HEADER_FRAME,
     METHOD_FRAME,
-    NACK_RETRY_DELAY,
+    PARK_LIMIT,
     Ack,
     AmqpFrame,
     Confirms,
     FrameReader,
+    Return,
+    Routes,
     decode_method,
+    message_id,
 )
 from streaming.envelope import Event
 from subscriptions.topics import EXCHANGE
@@ -58,6 +69,7 @@ CONNECT_TIMEOUT = 10.0  # seconds for TCP, TLS and the AMQP handshake together
 PUBLISHER_CONNECTION_NAME = "ws-gateway publisher"
 HEARTBEAT_FRAME = marshal(Heartbeat(), 0)
 ACK_METHODS = (b"\x00\x3c\x00\x50", b"\x00\x3c\x00\x78")  # basic.ack, basic.nack: the fast path
+RETURN_METHOD = b"\x00\x3c\x00\x32"  # basic.return: a mandatory publish reached no queue
 CAPABILITIES = {  # what RabbitMQ may use on this connection
     "publisher_confirms": True,
     "basic.nack": True,
@@ -66,6 +78,8 @@ CAPABILITIES = {  # what RabbitMQ may use on this connection
 }
 
 FRAME_END = b"\xce"
+DEFAULT_EXCHANGE = b"\x00"  # "" as a short string: routes by queue name, has no alternate exchange
+MANDATORY = b"\x01"  # Basic.Publish bits: mandatory is bit 0 (immediate, bit 1, RabbitMQ refuses)
 # Basic.Publish header property flags: content-type, headers, delivery-mode, message-id, timestamp.
 PROPERTY_FLAGS = 0x8000 | 0x2000 | 0x1000 | 0x0080 | 0x0040
 CONTENT_TYPE = b"\x10application/json"
@@ -84,21 +98,27 @@ def epoch_field(epoch: int) -> bytes:
     return b"\x05epoch" + pamqp_encode.table_integer(epoch)
 
 
-def encode_publish(channel_id: int, exchange: bytes, event: Event, frame_max: int) -> bytes:
+def encode_publish(
+    channel_id: int, exchange: bytes, event: Event, frame_max: int, queue: str = "", bits: bytes = b"\x00"
+) -> bytes:
     """The wire frames of one Basic.Publish: method, content header, body.
 
     py-amqp builds the same frames through generic, table-driven Python (most of its 60 µs a
     message); every event here has one fixed shape, so it is packed directly. The output is
     checked byte for byte against pamqp's marshalling, and against what a consumer reads back,
-    in tests/test_publisher.py.
+    in tests/test_publisher.py. With `queue`, the routing key is that queue's name (for the
+    default exchange) and the event's own routing key travels in the `routing_key` header.
     """
-    method = b"\x00\x3c\x00\x28\x00\x00" + exchange + shortstr(event.routing_key) + b"\x00"
+    method = b"\x00\x3c\x00\x28\x00\x00" + exchange + shortstr(queue or event.routing_key) + bits
     trace = event.trace_id.encode()
     klass = event.event_class.encode()
+    # A copy sent to one queue by name keeps the event's own routing key in a header.
+    key = b"\x0brouting_keyS" + struct.pack(">I", len(event.routing_key)) + event.routing_key.encode() if queue else b""
     # Keys in sorted order, as pamqp writes tables (the test compares byte for byte).
     table = (
         b"\x05classS" + struct.pack(">I", len(klass)) + klass
         + epoch_field(event.epoch)
+        + key
         + b"\x08trace_idS" + struct.pack(">I", len(trace)) + trace
     )  # fmt: skip
     body = event.body
@@ -270,6 +290,29 @@ def connect(url: str, timeout: float = 10.0, heartbeat: int = 0, name: str = "ws
 MethodT = TypeVar("MethodT", bound=Frame)
 
 
+def declare_events_exchange(conn: amqp.Connection, channel: amqp.Channel) -> amqp.Channel:
+    """Declare the events exchange (topic, durable, no arguments); return the channel to go on with.
+
+    Its alternate exchange is set by a policy (reconciler.py `Bindings`), not an argument, so
+    every client that declares it plainly (consumers, tail_events) keeps working. One made with
+    arguments by someone else is used as it is: RabbitMQ refuses a redeclare with other
+    arguments (PRECONDITION_FAILED, which closes the channel), and refusing to publish would
+    lose far more than the difference.
+    """
+    try:
+        channel.exchange_declare(EXCHANGE, "topic", durable=True, auto_delete=False)
+        return channel
+    except amqp.exceptions.PreconditionFailed as exc:
+        if EXCHANGE_THROTTLE.allow("exchange") is not None:
+            log.warning("exchange.arguments_differ", exchange=EXCHANGE, error=str(exc)[:300])
+        channel = conn.channel()
+        channel.exchange_declare(EXCHANGE, "topic", passive=True)
+        return channel
+
+
+EXCHANGE_THROTTLE = LogThrottle(interval=600.0)
+
+
 class AmqpProtocol(asyncio.Protocol):
     """The publishing connection: AMQP handshake, then writes frames and reads confirms.
 
@@ -291,6 +334,7 @@ class AmqpProtocol(asyncio.Protocol):
     @property
     def writable(self) -> bool:
         return not (self.writing_paused or self.blocked_by_broker or self.closed.done()) and self.transport is not None
+        self.returning: Return | None = None  # a basic.return whose content header is still to come
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -332,19 +376,25 @@ class AmqpProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.last_received = time.monotonic()
         for amqp_frame in self.reader.feed(data):
-            if amqp_frame.kind == METHOD_FRAME and amqp_frame.payload.startswith(ACK_METHODS):
-                method = decode_method(amqp_frame.payload)
+            kind, payload = amqp_frame.kind, amqp_frame.payload
+            if kind == METHOD_FRAME and payload.startswith(ACK_METHODS):
+                method = decode_method(payload)
                 if type(method) is Ack:
                     self.publisher.on_ack(method.delivery_tag, method.multiple)
                 else:
                     self.publisher.on_nack(method.delivery_tag, method.multiple)  # type: ignore[union-attr]
-            elif amqp_frame.kind != 8:  # heartbeats only prove the connection alive
+            elif kind == METHOD_FRAME and payload.startswith(RETURN_METHOD):
+                self.returning = decode_method(payload)  # type: ignore[assignment]
+            elif kind == HEADER_FRAME and self.returning is not None:
+                self.publisher.on_return(self.returning, message_id(payload))
+                self.returning = None
+            elif kind not in (3, 8):  # a returned body is not needed; heartbeats only prove the connection alive
                 self.on_frame(amqp_frame)
         if self.reader.malformed:
             self.lost("malformed frame from RabbitMQ")
 
     def on_frame(self, amqp_frame: AmqpFrame) -> None:
-        """Any frame but an ack or a heartbeat: pamqp decodes it."""
+        """Any frame but an ack, a return or a heartbeat: pamqp decodes it."""
         raw = FRAME_HEADER.pack(amqp_frame.kind, amqp_frame.channel, len(amqp_frame.payload)) + amqp_frame.payload
         try:
             _, channel, value = unmarshal(raw + b"\xce")
@@ -430,6 +480,8 @@ class Publisher:
         backoff_cap: float = 10.0,
         healthy_after: float = 60.0,
         heartbeat: int = HEARTBEAT,
+        park_limit: int = PARK_LIMIT,
+        on_route_lost: Callable[[], None] | None = None,
     ) -> None:
         self.url = url
         self.handoff = handoff
@@ -439,7 +491,9 @@ class Publisher:
         self.healthy_after = healthy_after  # seconds up before a connection resets the backoff
         self.heartbeat_wanted = heartbeat
         self.attempt = 0  # consecutive connections that failed or died young: the backoff exponent
-        self.confirms = Confirms(NACK_RETRY_DELAY)
+        self.confirms = Confirms(park_limit=park_limit)
+        self.routes = Routes()
+        self.on_route_lost = on_route_lost  # after a reconnect or a return: have the queues declared again
         self.reconnects = 0
         self.last_error = ""
         self.throttle = LogThrottle()
@@ -447,7 +501,8 @@ class Publisher:
         self.channel_id = 1
         self.frame_max = FRAME_MAX
         self.scheduled = False
-        self.nack_timer: asyncio.TimerHandle | None = None
+        self.retry_timer: asyncio.TimerHandle | None = None
+        self.retry_timer_at = 0.0
         self.settled_event = asyncio.Event()
         self.unencodable = 0
 
@@ -480,9 +535,10 @@ class Publisher:
     def nacks(self) -> int:
         return self.confirms.nacks
 
-    @property
-    def market_nack_drops(self) -> int:
-        return self.confirms.market_nack_drops
+    def route_private(self, bindings: Iterable[tuple[str, str]]) -> None:
+        """Set which queues private events go to: (queue, routing key pattern) of each live private subscription."""
+        if self.routes.set(bindings):
+            self.confirms.forget_idle(queue for queue, _ in self.routes.bindings)
 
     def kick(self) -> None:
         """Publish what is waiting, later in this loop tick (once, however many kicks)."""
@@ -556,6 +612,8 @@ class Publisher:
             heartbeat=protocol.heartbeat,
             tls=tls,
         )
+        if self.reconnects and self.on_route_lost is not None:
+            self.on_route_lost()  # a broker that restarted without its definitions has no queues
         self.kick()
 
     def connection_lost(self, reason: str) -> None:
@@ -567,32 +625,54 @@ class Publisher:
         log.warning("publisher.connection_lost", error=self.last_error, unconfirmed=len(pending))
 
     def pump(self) -> None:
-        """Write waiting events, up to the confirm window and BATCH per pass."""
+        """Write waiting events, up to the confirm window and BATCH per pass: private lanes first."""
         self.scheduled = False
         protocol = self.protocol
         if protocol is None or not protocol.writable:
             return
         confirms = self.confirms
-        confirms.take_due(time.monotonic())
+        if self.handoff.private:
+            self.screen(self.handoff.private)
+            confirms.fan_out(self.handoff.private, self.routes)
         room = min(BATCH, self.window - len(confirms.unconfirmed))
+        channel_id, exchange, frame_max = self.channel_id, shortstr(EXCHANGE), self.frame_max
+        frames: list[bytes] = []
+        more = False  # a full pass: more may wait
+        if confirms.busy and room > 0:
+            now = time.monotonic()
+            for lane in list(confirms.busy.values()):
+                # A service queue by name through the default exchange, or (TOPIC_LANE) the events exchange.
+                to, bits = (DEFAULT_EXCHANGE, MANDATORY) if lane.queue else (exchange, b"\x00")
+                for event in confirms.take_lane(lane, room - len(frames), now):
+                    frames.append(encode_publish(channel_id, to, event, frame_max, lane.queue, bits))
+            room -= len(frames)
         events = confirms.take_retries(room)  # published again before anything new
         take = self.handoff.take
         while len(events) < room and (event := take()) is not None:
             events.append(event)
         if events:
-            taken = len(events)
-            channel_id, exchange, frame_max = self.channel_id, shortstr(EXCHANGE), self.frame_max
+            more = len(events) == room
             try:
-                frames = [encode_publish(channel_id, exchange, event, frame_max) for event in events]
+                frames += [encode_publish(channel_id, exchange, event, frame_max) for event in events]
             except ValueError:
-                events, frames, refused = encode_each(events, channel_id, exchange, frame_max)
+                events, encoded, refused = encode_each(events, channel_id, exchange, frame_max)
+                frames += encoded
                 self.set_aside(refused)
             confirms.sent(events)
+        if frames:
             protocol.transport.write(b"".join(frames))  # type: ignore[union-attr]
-            if taken == BATCH:
-                self.kick()  # more may wait: let acks and readers in first, then go on
-        if confirms.parked and self.nack_timer is None:
-            self.nack_timer = asyncio.get_running_loop().call_later(NACK_RETRY_DELAY, self.retry_nacked)
+        if more or len(frames) >= BATCH:
+            self.kick()  # more may wait: let acks and readers in first, then go on
+        if confirms.busy:
+            self.schedule_retry()
+
+    def screen(self, private: deque[Event]) -> None:
+        """Set aside private events AMQP cannot carry before they get a lane and a delivery tag."""
+        refused = [(e, "routing key over 255 bytes") for e in private if len(e.routing_key.encode()) > 255]
+        for event, _ in refused:
+            private.remove(event)
+        if refused:
+            self.set_aside(refused)
 
     def set_aside(self, refused: list[tuple[Event, str]]) -> None:
         """Events AMQP cannot carry: logged and counted, never retried (nothing about them will change)."""
@@ -611,8 +691,17 @@ class Publisher:
                 suppressed=suppressed + len(refused) - 1,
             )
 
-    def retry_nacked(self) -> None:
-        self.nack_timer = None
+    def schedule_retry(self) -> None:
+        """Wake up when the earliest refused queue may be tried again."""
+        at = self.confirms.next_retry_at()
+        if at is not None and (self.retry_timer is None or at < self.retry_timer_at):
+            if self.retry_timer is not None:
+                self.retry_timer.cancel()
+            self.retry_timer_at = at
+            self.retry_timer = asyncio.get_running_loop().call_later(max(0.0, at - time.monotonic()), self.retry_parked)
+
+    def retry_parked(self) -> None:
+        self.retry_timer = None
         self.kick()
 
     def on_ack(self, delivery_tag: int, multiple: bool) -> None:
@@ -622,16 +711,32 @@ class Publisher:
     def on_nack(self, delivery_tag: int, multiple: bool) -> None:
         """RabbitMQ refused: a private queue is full (reject-publish). Keep private events."""
         refused = self.confirms.nack(delivery_tag, multiple, time.monotonic())
-        suppressed = self.throttle.allow("nack")
-        if suppressed is not None:
+        if (suppressed := self.throttle.allow("nack")) is not None:
             log.warning(
                 "publisher.nacked",
                 trace_id=refused[-1].trace_id if refused else "",
                 total=self.confirms.nacks,
+                parked=self.confirms.parked(),
                 suppressed=suppressed,
                 hint="a queue is full",
             )
         self.after_settle()
+
+    def on_return(self, returned: Return, message_id: str) -> None:
+        """A private publish reached no queue (it was deleted): retry it, and have the queues declared again."""
+        event = self.confirms.returned(returned.routing_key, message_id, time.monotonic())
+        if (suppressed := self.throttle.allow("return")) is not None:
+            log.warning(
+                "publisher.returned",
+                queue=returned.routing_key,
+                reply=f"{returned.code} {returned.text}",
+                trace_id=event.trace_id if event else "",
+                total=self.confirms.returns,
+                suppressed=suppressed,
+            )
+        if self.on_route_lost is not None and self.routes.routes_to(returned.routing_key):
+            self.on_route_lost()  # not for a queue no subscription wants any more: it stays gone
+        self.kick()
 
     def after_settle(self) -> None:
         if not self.in_flight and not len(self.handoff):

@@ -10,16 +10,20 @@ sockets within Bybit's per-connection limits, keeping every topic where it alrea
 from __future__ import annotations
 
 import asyncio
+import base64
 import threading
 import time
+import urllib.request
 from collections import defaultdict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
+from urllib.parse import quote
 
 import amqp
+import orjson
 import structlog
 from django.conf import settings
 from django.db import DatabaseError, close_old_connections, connection
@@ -27,7 +31,7 @@ from django.utils import timezone
 
 from streaming.circuit import backoff_delay
 from streaming.protocol import fits
-from streaming.publisher import connect
+from streaming.publisher import amqp_params, connect, declare_events_exchange
 from subscriptions.models import Subscription
 from subscriptions.services import (
     subscriptions_mark_active,
@@ -47,6 +51,10 @@ T = TypeVar("T")
 PRIVATE = "private"
 CANCELLED_LOOKBACK = timedelta(days=1)  # bindings of rows cancelled while the gateway was down
 LAST_EVENT_FLUSH_INTERVAL = 10.0  # seconds between `last_event_at` writes
+UNROUTABLE = "ws-gateway.unroutable"  # the events exchange's alternate exchange (fanout), and its queue
+# Bounded, and self-emptying: it is there to show what was lost and why, not to keep it forever.
+UNROUTABLE_ARGUMENTS = {"x-max-length": 10_000, "x-overflow": "drop-head", "x-message-ttl": 3_600_000}
+ALTERNATE_EXCHANGE_POLICY = "ws-gateway-alternate-exchange"
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +125,33 @@ def queue_arguments(event_class: str) -> dict[str, Any]:
     return arguments
 
 
+def alternate_exchange_policy(amqp_url: str, management_url: str, timeout: float = 2.0) -> None:
+    """Set the policy giving the events exchange its alternate exchange, through the management API.
+
+    A policy rather than an exchange argument: it applies to an exchange that already exists
+    (arguments cannot change), to one an operator deletes and makes again, and it leaves the
+    exchange's arguments empty, so every client that declares the exchange plainly keeps
+    working. Raises OSError (urllib's errors included) when the API is down or refuses.
+    """
+    params = amqp_params(amqp_url)
+    vhost = quote(str(params["virtual_host"]), safe="")
+    credentials = base64.b64encode(f"{params['userid']}:{params['password']}".encode()).decode()
+    policy = {
+        "pattern": "^" + EXCHANGE.replace(".", "\\.") + "$",
+        "apply-to": "exchanges",
+        "definition": {"alternate-exchange": UNROUTABLE},
+        "priority": 0,
+    }
+    request = urllib.request.Request(
+        f"{management_url.rstrip('/')}/api/policies/{vhost}/{ALTERNATE_EXCHANGE_POLICY}",
+        data=orjson.dumps(policy),
+        method="PUT",
+        headers={"Authorization": f"Basic {credentials}", "Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=timeout):
+        pass
+
+
 def assign(wanted: dict[str, set[str]], current: dict[str, tuple[str, set[str]]]) -> dict[str, tuple[str, set[str]]]:
     """Place wanted topics on sockets: `{socket name: (category, topics)}`.
 
@@ -153,27 +188,65 @@ def assign(wanted: dict[str, set[str]], current: dict[str, tuple[str, set[str]]]
 
 
 class Bindings:
-    """Declares service queues and their bindings on a connection of its own."""
+    """Declares service queues and their bindings on a connection of its own.
 
-    def __init__(self, url: str) -> None:
+    Market queues are bound to the events exchange; private queues are only declared, as the
+    publisher sends private events to each queue by name. What was declared is remembered so
+    that a reconcile round costs nothing, but the memory is dropped (and everything declared
+    again, idempotently: about 0.2 s for 500 queues) every `redeclare_interval` seconds, and at
+    once after `invalidate()`: a queue or binding deleted by an operator, or lost with a broker
+    that came back without its definitions, is back within one reconcile round.
+    """
+
+    def __init__(self, url: str, redeclare_interval: float = 30.0) -> None:
         self.url = url
+        self.redeclare_interval = redeclare_interval
         self.conn: amqp.Connection | None = None
         self.channel: amqp.Channel | None = None
         self.bound: set[tuple[str, str]] = set()
+        self.declared: set[str] = set()  # private and overflow queues
+        self.declared_at = 0.0
+        self.invalidated = False
+        self.policy_set = False
         self.cleaned_after_start = False
+        self.throttle = LogThrottle(interval=600.0)
 
-    def ensure(self, rows: list[Row]) -> None:
-        """Declare every live row's queue and binding; unbind what no live row needs any more."""
-        needed = {(r.queue_name, r.routing_key): r.event_class for r in rows}
+    def invalidate(self) -> None:
+        """Thread-safe: declare every queue and binding (and the policy) again on the next `ensure`."""
+        self.invalidated = True
+        self.policy_set = False
+
+    def ensure(self, rows: list[Row], overflow: list[str] | None = None) -> None:
+        """Declare every live row's queue (bound, for market data) and the overflow queues in use; unbind the rest."""
+        needed = {(r.queue_name, r.routing_key): r.event_class for r in rows if r.event_class not in PRIVATE_CLASSES}
+        private = {r.queue_name: r.event_class for r in rows if r.event_class in PRIVATE_CLASSES}
         try:
             channel = self.open()
+            refresh = self.invalidated or time.monotonic() - self.declared_at > self.redeclare_interval
+            if refresh:
+                if self.invalidated:
+                    log.info("queue.declaring_again", queues=len(private) + len({q for q, _ in needed}))
+                self.invalidated = False
+                self.declared_at = time.monotonic()
+                channel = self.declare_exchanges(channel)
+                self.declared.clear()
+            for queue, event_class in private.items():
+                if queue not in self.declared:
+                    channel = self.declare(channel, queue, event_class)
+                    self.declared.add(queue)
+            for queue in overflow or ():
+                if queue not in self.declared:
+                    channel.queue_declare(queue, durable=True, auto_delete=False)
+                    self.declared.add(queue)
+                    log.warning("queue.overflow_declared", queue=queue)
             for (queue, key), event_class in needed.items():
-                if (queue, key) in self.bound:
+                if (queue, key) in self.bound and not refresh:
                     continue
                 channel = self.declare(channel, queue, event_class)
                 channel.queue_bind(queue, EXCHANGE, key)
+                if (queue, key) not in self.bound:
+                    log.info("queue.bound", queue=queue, routing_key=key)
                 self.bound.add((queue, key))
-                log.info("queue.bound", queue=queue, routing_key=key)
             stale = {b for b in self.bound if b not in needed}
             if not self.cleaned_after_start:
                 stale |= {b for b in load_cancelled_bindings() if b not in needed}
@@ -183,10 +256,39 @@ class Bindings:
                 self.bound.discard((queue, key))
                 log.info("queue.unbound", queue=queue, routing_key=key)
         except (OSError, amqp.exceptions.AMQPError) as exc:
-            # A missing queue (deleted by an operator) or a lost broker: start over next time.
+            # A lost broker, or a queue deleted between two rounds: start over next time.
             log.warning("queue.declare_failed", error=f"{type(exc).__name__}: {exc}"[:200])
             self.close()
             raise
+
+    def declare_exchanges(self, channel: amqp.Channel) -> amqp.Channel:
+        """The events exchange, and its alternate exchange into the bounded queue of what nothing was bound for."""
+        assert self.conn is not None
+        self.channel = channel = declare_events_exchange(self.conn, channel)  # a new one if it had to reopen
+        channel.exchange_declare(UNROUTABLE, "fanout", durable=True, auto_delete=False)
+        channel.queue_declare(UNROUTABLE, durable=True, auto_delete=False, arguments=UNROUTABLE_ARGUMENTS)
+        channel.queue_bind(UNROUTABLE, UNROUTABLE, "")
+        if not self.policy_set:
+            self.set_policy()
+        return channel
+
+    def set_policy(self) -> None:
+        """Best effort: without it, market events no queue is bound for are dropped by RabbitMQ, as before."""
+        management_url = settings.RABBITMQ_MANAGEMENT_URL
+        try:
+            if not management_url:
+                raise OSError("RABBITMQ_MANAGEMENT_URL is not set")
+            alternate_exchange_policy(self.url, management_url)
+            self.policy_set = True
+        except (OSError, ValueError) as exc:
+            if self.throttle.allow("policy") is not None:
+                log.warning(
+                    "exchange.alternate_exchange_missing",
+                    exchange=EXCHANGE,
+                    error=f"{type(exc).__name__}: {exc}"[:200],
+                    hint=f"rabbitmqctl set_policy {ALTERNATE_EXCHANGE_POLICY} '^ws-gateway\\.events$' "
+                    f'\'{{"alternate-exchange":"{UNROUTABLE}"}}\' --apply-to exchanges',
+                )
 
     def declare(self, channel: amqp.Channel, queue: str, event_class: str) -> amqp.Channel:
         """Declare a service queue; one that exists with other arguments is used as it is.
@@ -200,7 +302,8 @@ class Bindings:
             channel.queue_declare(queue, durable=True, auto_delete=False, arguments=arguments)
             return channel
         except amqp.exceptions.PreconditionFailed as exc:
-            log.warning("queue.arguments_differ", queue=queue, wanted=arguments, error=str(exc)[:300])
+            if self.throttle.allow(f"arguments:{queue}") is not None:
+                log.warning("queue.arguments_differ", queue=queue, wanted=arguments, error=str(exc)[:300])
             self.channel = channel = self.conn.channel()  # type: ignore[union-attr] - the error closed the channel
             channel.queue_declare(queue, passive=True)
             return channel
@@ -209,8 +312,9 @@ class Bindings:
         if self.channel is None or self.conn is None or not self.conn.connected:
             self.conn = connect(self.url, name="ws-gateway declarations")
             self.channel = self.conn.channel()
-            self.channel.exchange_declare(EXCHANGE, "topic", durable=True, auto_delete=False)
             self.bound.clear()
+            self.declared_at = 0.0  # a new connection: check everything
+            self.policy_set = False
         return self.channel
 
     def close(self) -> None:
@@ -230,7 +334,7 @@ class Reconciler:
         self.interval = interval
         self.io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gateway-io")
         self.background: set[asyncio.Task[Any]] = set()
-        self.bindings = Bindings(gateway.config.rabbitmq_url)
+        self.bindings = Bindings(gateway.config.rabbitmq_url, gateway.config.redeclare_interval)
         self.rejected: dict[tuple[str, str], str] = {}  # (socket category, topic) -> Bybit's ret_msg
         self.seen: dict[tuple[str, str], float] = {}  # (socket category, topic) -> last event time
         self.last_events_flushed = 0.0
@@ -246,7 +350,11 @@ class Reconciler:
             failed = await self.in_io(mark_failed, PRIVATE, None, message)
             log.error("gateway.private_without_credentials", failed_subscriptions=failed)
             rows = [r for r in rows if r.socket_category != PRIVATE]
-        await self.in_io(self.bindings.ensure, rows)
+        publisher = gw.publisher
+        try:
+            await self.in_io(self.bindings.ensure, rows, publisher.confirms.overflow_queues())
+        finally:  # routed even when the declares failed: a publish to a missing queue comes back and waits
+            publisher.route_private((r.queue_name, r.routing_key) for r in rows if r.event_class in PRIVATE_CLASSES)
 
         wanted: dict[str, set[str]] = defaultdict(set)
         for row in rows:
@@ -277,6 +385,11 @@ class Reconciler:
             self.seen.clear()  # the same dict: the per-frame path writes into it
             self.last_events_flushed = time.monotonic()
             await self.in_io(record_last_events, seen)
+
+    def redeclare(self) -> None:
+        """Queues or bindings may be gone (the publisher reconnected, or a publish came back): declare them now."""
+        self.bindings.invalidate()
+        self.nudged.set()
 
     async def in_io(self, fn: Callable[..., T], *args: Any) -> T:
         """Run blocking database/AMQP work on the single I/O thread."""

@@ -1,4 +1,5 @@
-"""RabbitMQ's frames are read whatever the reads' boundaries; confirms settle, park, drop and requeue events."""
+"""RabbitMQ's frames are read whatever the reads' boundaries; confirms settle, drop and requeue events; private
+events wait per queue, in order, when that queue refuses or is gone."""
 
 from __future__ import annotations
 
@@ -12,10 +13,15 @@ from streaming.confirms import (
     Confirms,
     FrameReader,
     Nack,
+    Return,
+    Routes,
     Unblocked,
     decode_method,
+    message_id,
+    topic_matches,
 )
 from streaming.envelope import Event
+from streaming.publisher import encode_publish
 
 # Frames are packed with struct here (pamqp is not installed), following the AMQP 0-9-1 grammar.
 
@@ -170,42 +176,198 @@ def test_acks_for_unknown_tags_are_ignored() -> None:
     assert (confirms.confirmed, confirms.nacks) == (1, 0)
 
 
-def test_nacked_private_event_is_parked_until_its_retry_time() -> None:
-    """A refused private event is kept, and offered again only once the retry delay has passed."""
-    confirms = Confirms(retry_delay=1.0)
-    (order,) = publish(confirms, 1, private=True)
-    assert confirms.nack(1, multiple=False, now=100.0) == [order]
-    assert (confirms.nacks, confirms.market_nack_drops, confirms.in_flight) == (1, 0, 1)
-    assert confirms.take_due(100.9) == []
-    assert confirms.take_retries(10) == []
-    assert confirms.take_due(101.0) == [order]
-    assert confirms.take_retries(10) == [order]
-    assert (confirms.republished, confirms.in_flight) == (1, 0)
-
-
 def test_nacked_market_event_is_dropped_and_counted() -> None:
     """Refused market data is not kept: it is counted, and never offered again."""
     confirms = Confirms()
-    trade, order = publish(confirms, 1)[0], publish(confirms, 1, private=True, first=1)[0]
-    assert confirms.nack(2, multiple=True, now=0.0) == [trade, order]
-    assert (confirms.nacks, confirms.market_nack_drops) == (2, 1)
-    assert confirms.take_due(10.0) == [order]
-    assert confirms.in_flight == 1
+    (trade,) = publish(confirms, 1)
+    assert confirms.nack(1, multiple=True, now=0.0) == [trade]
+    assert (confirms.nacks, confirms.market_nack_drops, confirms.in_flight) == (1, 1, 0)
+    assert confirms.take_retries(10) == []
 
 
-def test_requeue_all_puts_unconfirmed_first_oldest_first_and_restarts_tags() -> None:
-    """On a lost connection every unconfirmed event is retried before earlier retries, in publish order."""
+def test_requeue_all_puts_market_events_first_oldest_first_and_restarts_tags() -> None:
+    """On a lost connection every unconfirmed market event is retried before anything new, in publish order."""
     confirms = Confirms()
-    (order,) = publish(confirms, 1, private=True)
-    confirms.nack(1, multiple=False, now=0.0)
-    confirms.take_due(5.0)  # `order` now waits in the retry queue
-    events = publish(confirms, 4, first=1)
-    confirms.ack(3, multiple=False)
-    pending = [events[0], events[2], events[3]]  # tags 2, 4, 5
+    events = publish(confirms, 4)
+    confirms.ack(2, multiple=False)
+    pending = [events[0], events[2], events[3]]
     assert confirms.requeue_all() == pending
     assert confirms.unconfirmed == {}
-    assert confirms.in_flight == 4
-    assert confirms.take_retries(3) == pending
-    assert confirms.take_retries(3) == [order]
-    assert confirms.republished == 4
+    assert confirms.in_flight == 3
+    assert confirms.take_retries(2) == pending[:2]
+    assert confirms.take_retries(2) == pending[2:]
+    assert confirms.republished == 3
     assert confirms.sent([event(9)]) == range(1, 2)
+
+
+# Private events: one lane per destination queue.
+
+
+def order(n: int) -> Event:
+    return event(n, private=True)
+
+
+def hold(confirms: Confirms, queues: list[str], events: list[Event]) -> None:
+    for e in events:
+        for queue in queues:
+            confirms.hold(queue, e)
+
+
+def take(confirms: Confirms, queue: str, now: float = 0.0, limit: int = 100) -> tuple[list[int], list[Event]]:
+    """Publish what the lane of `queue` may send now; return the tags it got and the events."""
+    first = confirms.next_tag
+    events = confirms.take_lane(confirms.lanes[queue], limit, now)
+    return list(range(first, confirms.next_tag)), events
+
+
+def test_a_full_queue_holds_back_its_own_copies_only() -> None:
+    """Bravo refuses; alpha's copies are settled and alpha keeps getting new events at once."""
+    confirms = Confirms()
+    orders = [order(n) for n in range(3)]
+    hold(confirms, ["alpha", "bravo"], orders)
+    alpha_tags, _ = take(confirms, "alpha")
+    bravo_tags, _ = take(confirms, "bravo")
+    confirms.ack(alpha_tags[-1], multiple=True)
+    assert confirms.nack(bravo_tags[0], multiple=False, now=10.0) == [orders[0]]
+    confirms.ack(bravo_tags[-1], multiple=True)  # bravo took 1 and 2: they were on the wire already
+    assert confirms.reordered == 2
+    assert confirms.parked() == {"bravo": 1}
+    hold(confirms, ["alpha", "bravo"], [order(3)])
+    assert take(confirms, "alpha", now=10.0)[1] == [order(3)]  # alpha is not held back
+    assert take(confirms, "bravo", now=10.0)[1] == []  # bravo waits for its backoff
+    assert confirms.parked() == {"bravo": 2}
+
+
+def test_a_refusing_queue_gets_its_oldest_event_alone_after_a_backoff_then_the_rest_in_order() -> None:
+    """Order per queue: after a refusal, one try at a time, the next only once the previous was accepted."""
+    confirms = Confirms(retry_delay=1.0, retry_cap=4.0)
+    orders = [order(n) for n in range(4)]
+    hold(confirms, ["bravo"], orders)
+    tags, _ = take(confirms, "bravo")
+    confirms.nack(tags[-1], multiple=True, now=100.0)  # the queue is full: all four refused
+    assert confirms.parked() == {"bravo": 4}
+    assert confirms.next_retry_at() == 101.0
+    assert take(confirms, "bravo", now=100.9)[1] == []
+    tags, events = take(confirms, "bravo", now=101.0)
+    assert events == [orders[0]]  # the oldest, alone
+    assert take(confirms, "bravo", now=101.0)[1] == []  # nothing more while it is in flight
+    confirms.nack(tags[0], multiple=False, now=101.0)
+    assert confirms.next_retry_at() == 103.0  # refused again: the wait doubles
+    tags, _ = take(confirms, "bravo", now=103.0)
+    confirms.nack(tags[0], multiple=False, now=103.0)
+    tags, _ = take(confirms, "bravo", now=107.0)
+    confirms.nack(tags[0], multiple=False, now=107.0)
+    assert confirms.next_retry_at() == 111.0  # capped at retry_cap
+    received = []
+    now = 111.0
+    while confirms.parked() or confirms.lanes["bravo"].in_flight:
+        tags, events = take(confirms, "bravo", now=now)
+        assert len(events) == 1
+        received += events
+        confirms.ack(tags[0], multiple=False)  # accepted: the next goes at once, no backoff
+    assert received == orders
+    assert confirms.lanes["bravo"].careful is False
+    hold(confirms, ["bravo"], [order(5), order(6)])
+    assert take(confirms, "bravo", now=now)[1] == [order(5), order(6)]  # caught up: pipelined again
+    assert (confirms.republished, confirms.reordered) == (7, 0)
+
+
+def test_returned_publish_waits_in_its_lane_and_its_ack_confirms_nothing() -> None:
+    """RabbitMQ returns, then acks, a publish to a deleted queue: the event is kept, not confirmed."""
+    confirms = Confirms(retry_delay=0.5)
+    orders = [order(0), order(1)]
+    hold(confirms, ["alpha"], orders)
+    tags, _ = take(confirms, "alpha")
+    assert confirms.returned("alpha", orders[1].id, now=5.0) == orders[1]
+    assert confirms.returned("alpha", "no-such-id", now=5.0) is None
+    assert confirms.returned("nobody", orders[0].id, now=5.0) is None
+    assert confirms.ack(tags[-1], multiple=True) == 1  # the returned one is not confirmed by its ack
+    assert (confirms.confirmed, confirms.returns, confirms.in_flight) == (1, 1, 1)
+    assert confirms.next_retry_at() == 5.5
+    assert take(confirms, "alpha", now=5.5)[1] == [orders[1]]
+
+
+def test_a_full_parked_set_spills_later_events_to_the_overflow_lane_until_it_caught_up() -> None:
+    """Past `park_limit` refused events, new ones go to `<queue>.overflow`: bounded, and nothing dropped."""
+    confirms = Confirms(park_limit=2)
+    hold(confirms, ["bravo"], [order(0), order(1)])
+    tags, _ = take(confirms, "bravo")
+    confirms.nack(tags[-1], multiple=True, now=0.0)
+    hold(confirms, ["bravo"], [order(2), order(3)])
+    assert confirms.parked() == {"bravo": 2}
+    assert confirms.lanes["bravo.overflow"].waiting[0][1] == order(2)
+    assert (confirms.spilled, confirms.spilled_by_queue(), confirms.overflow_queues()) == (
+        2,
+        {"bravo": 2},
+        ["bravo.overflow"],
+    )
+    assert confirms.in_flight == 4
+    for _ in range(2):
+        tags, _ = take(confirms, "bravo", now=60.0)
+        confirms.ack(tags[0], multiple=False)
+    hold(confirms, ["bravo"], [order(4)])
+    assert take(confirms, "bravo", now=60.0)[1] == [order(4)]  # caught up: back to its own queue
+    assert [e for _, e, _ in confirms.lanes["bravo.overflow"].waiting] == [order(2), order(3)]
+
+
+def test_requeue_all_puts_private_events_back_in_their_lanes_in_order_without_a_backoff() -> None:
+    """After a lost connection a lane resends what was in flight, oldest first, at once."""
+    confirms = Confirms()
+    orders = [order(n) for n in range(3)]
+    hold(confirms, ["alpha"], orders)
+    tags, _ = take(confirms, "alpha")
+    publish(confirms, 2)  # market events in between
+    confirms.ack(tags[0], multiple=False)
+    assert len(confirms.requeue_all()) == 4
+    assert confirms.parked() == {}  # nothing refused them
+    assert take(confirms, "alpha", now=0.0) == ([1, 2], orders[1:])
+    assert confirms.republished == 2
+
+
+def test_routes_send_each_event_to_every_queue_whose_pattern_matches_once() -> None:
+    """`#` is any number of words, `*` exactly one; a queue bound twice still gets one copy."""
+    routes = Routes()
+    assert routes.set([("q.all", "order.#"), ("q.linear", "order.linear.*"), ("q.all", "order.*.BTCUSDT")])
+    assert routes.queues("order.linear.BTCUSDT") == ("q.all", "q.linear")
+    assert routes.queues("order.spot.ETHUSDT") == ("q.all",)
+    assert routes.queues("order") == ("q.all",)
+    assert routes.queues("orders.linear.BTCUSDT") == ()
+    assert routes.queues("execution.linear.BTCUSDT") == ()
+    assert not routes.set([("q.linear", "order.linear.*"), ("q.all", "order.#"), ("q.all", "order.*.BTCUSDT")])
+    assert routes.set([("q.linear", "order.linear.*")])
+    assert routes.queues("order.spot.ETHUSDT") == ()
+
+
+def test_topic_patterns_match_as_rabbitmq_does() -> None:
+    cases = [
+        ("#", "a.b", True),
+        ("a.#", "a", True),
+        ("a.#.c", "a.c", True),
+        ("a.#.c", "a.b.b.c", True),
+        ("a.*", "a", False),
+        ("a.*", "a.b.c", False),
+        ("*.b", "a.b", True),
+    ]
+    for pattern, key, expected in cases:
+        assert topic_matches(pattern.split("."), key.split(".")) is expected, (pattern, key)
+
+
+def returned_message(queue: str, published: Event) -> bytes:
+    """What RabbitMQ sends for an unroutable mandatory publish: basic.return, then the message's own frames."""
+    arguments = struct.pack(">H", 312) + shortstr("NO_ROUTE") + shortstr("") + shortstr(queue)
+    content = encode_publish(1, b"\x00", published, 4096, queue, b"\x01")
+    _, header_and_body = content.split(b"\xce", 1)  # drop our method frame: RabbitMQ sends its return instead
+    return method(1, 60, 50, arguments) + header_and_body
+
+
+def test_a_returned_message_names_its_queue_and_message_id_whatever_the_reads() -> None:
+    """basic.return decodes; the content header after it carries the event id, found past the headers table."""
+    published = order(7)
+    stream = returned_message("ws-gateway.alpha.order", published) + ACK_UP_TO_3
+    frames = read([stream])
+    assert [f.kind for f in frames] == [1, 2, 3, 1]
+    assert decode_method(frames[0].payload) == Return(312, "NO_ROUTE", "", "ws-gateway.alpha.order")
+    assert message_id(frames[1].payload) == published.id
+    assert decode_method(frames[3].payload) == Ack(3, True)
+    for cut in range(len(stream) + 1):
+        assert read([stream[:cut], stream[cut:]]) == frames, cut

@@ -102,7 +102,10 @@ def test_private_order_update_reaches_the_service(start_gateway, simulator, rabb
     reader.wait(lambda m: len(m) >= 1, message="the order event")
     (event,) = reader.messages
     assert event["data"] == sent["data"][0]
-    assert reader.raw[0].delivery_info["routing_key"] == "order.spot.SOLUSDT"
+    # Published to the service's queue by name (docs/gateway.md): the routing key is the queue's.
+    assert reader.raw[0].delivery_info["routing_key"] == "ws-gateway.alpha.order"  # a copy per queue, by name
+    assert reader.raw[0].properties["application_headers"]["routing_key"] == "order.spot.SOLUSDT"
+    assert (event["class"], event["category"], event["symbol"]) == ("order", "spot", "SOLUSDT")
     assert reader.raw[0].properties["delivery_mode"] == 2
     reader.close()
 

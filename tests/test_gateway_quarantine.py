@@ -35,7 +35,7 @@ def test_a_bad_order_is_quarantined_and_its_siblings_delivered(start_gateway, si
     good_one, bad, good_two = PARTLY_BAD_ORDERS["data"]
 
     reader.wait(lambda m: len(m) >= 3, message="the two good orders and the quarantined one")
-    routed = {m.delivery_info["routing_key"]: m for m in reader.raw}
+    routed = {m.properties["application_headers"]["routing_key"]: m for m in reader.raw}
     by_key = {key: body for key, body in zip(routed, reader.messages, strict=True)}
     assert set(by_key) == {"order.linear.BTCUSDT", "order.linear.ETHUSDT", "order.unknown"}
     assert by_key["order.linear.BTCUSDT"]["data"] == good_one
@@ -71,7 +71,7 @@ def test_a_wallet_without_account_type_keeps_the_good_account_and_the_stream(sta
 
     balances.wait(lambda m: len(m) >= 2, message="the good account and the quarantined one")
     routed = zip(balances.raw, balances.messages, strict=True)
-    assert {m.delivery_info["routing_key"]: body["data"] for m, body in routed} == {
+    assert {m.properties["application_headers"]["routing_key"]: body["data"] for m, body in routed} == {
         "balance.UNIFIED": good,
         "balance.unknown": bad,
     }

@@ -12,6 +12,7 @@ from streaming.monitoring.checks import (
     fill_ratio,
     gateway_alerts,
     queue_alerts,
+    unroutable_alerts,
     worst,
 )
 from streaming.monitoring.readings import QueueReading
@@ -260,3 +261,32 @@ def test_each_open_endpoint_circuit_is_its_own_alert() -> None:
     assert [(a.name, a.subject, a.details) for a in found] == [
         ("gateway.circuit.open", linear, {"next_attempt_at": NOW + 30})
     ]
+
+
+def test_a_queue_refusing_private_events_warns_and_is_critical_once_they_spill() -> None:
+    """Parked events for a full queue: a warning per queue; spilling into its overflow queue: critical."""
+    private = {
+        "parked": {"ws-gateway.bravo.order": 15, "ws-gateway.carol.execution": 10_000},
+        "spilling": ["ws-gateway.carol.execution"],
+        "spilled": {"ws-gateway.carol.execution": 42},
+    }
+    found = gateway_alerts(status(private=private), NOW)
+    assert [(a.name, a.subject, a.severity) for a in found] == [
+        ("queue.private_rejecting.warning", "ws-gateway.bravo.order", "warning"),
+        ("queue.private_rejecting.critical", "ws-gateway.carol.execution", "critical"),
+    ]
+    assert found[1].details == {"parked": 10_000, "spilled": 42, "spilling": True}
+    assert found[0].family == found[1].family == "queue.private_rejecting"
+    assert gateway_alerts(status(private={"parked": {}, "spilling": [], "spilled": {"x": 3}}), NOW) == []
+
+
+def test_anything_in_the_unroutable_queue_warns() -> None:
+    """Events the exchange had no queue for: a queue or binding is missing."""
+    assert unroutable_alerts(None) == unroutable_alerts(0) == []
+    (alert,) = unroutable_alerts(7)
+    assert (alert.name, alert.subject, alert.severity, alert.details) == (
+        "queue.unroutable",
+        "ws-gateway.unroutable",
+        "warning",
+        {"depth": 7},
+    )

@@ -199,12 +199,17 @@ def test_forced_connection_close_loses_nothing(rabbit: str, channel: amqp.Channe
     assert publisher.republished > 0
 
 
-def pamqp_publish(channel_id: int, event: Event, frame_max: int) -> bytes:
+def pamqp_publish(channel_id: int, event: Event, frame_max: int, queue: str = "") -> bytes:
     """The same publish as pamqp, a maintained AMQP library, marshals it."""
-    method = commands.Basic.Publish(exchange=EXCHANGE, routing_key=event.routing_key)
+    headers = {"trace_id": event.trace_id, "class": event.event_class, "epoch": event.epoch}
+    if queue:  # a private copy to one queue by name, through the default exchange, mandatory
+        method = commands.Basic.Publish(exchange="", routing_key=queue, mandatory=True)
+        headers["routing_key"] = event.routing_key
+    else:
+        method = commands.Basic.Publish(exchange=EXCHANGE, routing_key=event.routing_key)
     properties = commands.Basic.Properties(
         content_type="application/json",
-        headers={"trace_id": event.trace_id, "class": event.event_class, "epoch": event.epoch},
+        headers=headers,
         delivery_mode=2 if event.private else 1,
         message_id=event.id,
         timestamp=datetime.fromtimestamp(event.received_ts // 1000, UTC),
@@ -231,6 +236,14 @@ def pamqp_publish(channel_id: int, event: Event, frame_max: int) -> bytes:
 def test_encode_publish_is_byte_for_byte_what_pamqp_marshals(event: Event) -> None:
     """The hand-packed Basic.Publish, content header and body frames equal pamqp's."""
     assert encode_publish(3, shortstr(EXCHANGE), event, 131072) == pamqp_publish(3, event, 131072)
+
+
+def test_a_private_copy_to_one_queue_is_byte_for_byte_what_pamqp_marshals() -> None:
+    """Default exchange, the queue's name as routing key, mandatory, the event's key in a header."""
+    event = make_event(8, private=True, routing_key="order.linear.BTCUSDT", epoch=3)
+    queue = "ws-gateway.alpha.order"
+    packed = encode_publish(3, shortstr(""), event, 131072, queue, b"\x01")
+    assert packed == pamqp_publish(3, event, 131072, queue)
 
 
 def test_an_unencodable_event_is_set_aside_and_its_batch_goes_out(rabbit: str, channel: amqp.Channel) -> None:

@@ -28,7 +28,7 @@ from wsgateway.logging import redact_value
 POOL = ThreadPoolExecutor(max_workers=8, thread_name_prefix="health")
 GATEWAY_PASSTHROUGH = (
     "state", "circuit", "sockets", "counters", "handoff_depth", "in_flight", "publisher", "books", "lvc", "balances",
-    "malformed_by_reason", "read_pauses", "circuits",
+    "malformed_by_reason", "read_pauses", "circuits", "private",
     "epoch", "quarantined_by_reason", "quarantined_at",
 )  # fmt: skip
 

@@ -226,6 +226,11 @@ GATEWAY_REPLY_TIMEOUT = env_float("GATEWAY_REPLY_TIMEOUT", 10.0, 0.01)
 GATEWAY_RECONCILE_INTERVAL = env_float("GATEWAY_RECONCILE_INTERVAL", 5.0, 0.05)
 GATEWAY_HANDOFF_SIZE = env_int("GATEWAY_HANDOFF_SIZE", 50_000, 10)
 GATEWAY_CONFIRM_WINDOW = env_int("GATEWAY_CONFIRM_WINDOW", 2_000, 1)
+# Every queue and binding is declared again this often (and at once after a publisher reconnect
+# or a returned publish), so one deleted by an operator comes back by itself.
+GATEWAY_REDECLARE_INTERVAL = env_float("GATEWAY_REDECLARE_INTERVAL", 30.0, 0.1)
+# Private events a full queue refused, kept per queue; past it, later ones go to <queue>.overflow.
+GATEWAY_PARK_LIMIT = env_int("GATEWAY_PARK_LIMIT", 10_000, 1)
 # Socket reads pause (at most GATEWAY_MAX_READ_PAUSE s) while this many market events wait.
 GATEWAY_BACKPRESSURE_AT = env_int("GATEWAY_BACKPRESSURE_AT", 5_000, 1)
 GATEWAY_MAX_READ_PAUSE = env_float("GATEWAY_MAX_READ_PAUSE", 0.5, 0.0)

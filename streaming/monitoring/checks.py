@@ -10,8 +10,11 @@ from typing import Any
 from django.conf import settings
 
 from streaming.monitoring.readings import QueueReading
+from streaming.reconciler import UNROUTABLE
 
-QUEUE_FAMILIES = ("queue.backlog", "queue.retention", "queue.no_consumer", "queue.slow_consumer", "rabbitmq")
+QUEUE_FAMILIES = (
+    "queue.backlog", "queue.retention", "queue.no_consumer", "queue.slow_consumer", "queue.unroutable", "rabbitmq",
+)  # fmt: skip
 GATEWAY_FAMILIES = (
     "gateway.status",
     "gateway.socket",
@@ -19,6 +22,7 @@ GATEWAY_FAMILIES = (
     "gateway.publisher",
     "gateway.private_auth_failed",
     "gateway.quarantined",
+    "queue.private_rejecting",
 )
 LEVELS = ("warning", "critical")
 
@@ -93,6 +97,26 @@ def queue_alerts(reading: QueueReading, fill: float | None, earlier_depths: list
     return alerts
 
 
+def unroutable_alerts(depth: int | None) -> list[Alert]:
+    """Messages in ws-gateway.unroutable: events the exchange had no queue for (a queue or binding is missing)."""
+    if not depth:
+        return []
+    return [Alert("queue.unroutable", UNROUTABLE, "warning", {"depth": depth})]
+
+
+def private_alerts(private: dict[str, Any]) -> list[Alert]:
+    """A queue refusing private events (full, or gone): the gateway parks them; critical once it spills them."""
+    parked, spilling, spilled = private.get("parked") or {}, private.get("spilling") or [], private.get("spilled") or {}
+    alerts = []
+    for queue in sorted(set(parked) | set(spilling)):
+        details = {"parked": parked.get(queue, 0), "spilled": spilled.get(queue, 0), "spilling": queue in spilling}
+        if queue in spilling:
+            alerts.append(Alert("queue.private_rejecting.critical", queue, "critical", details))
+        else:
+            alerts.append(Alert("queue.private_rejecting.warning", queue, "warning", details))
+    return alerts
+
+
 def worst(alerts: Iterable[Alert]) -> str:
     severities = {a.severity for a in alerts}
     return "critical" if "critical" in severities else "warning" if "warning" in severities else "ok"
@@ -100,7 +124,7 @@ def worst(alerts: Iterable[Alert]) -> str:
 
 def gateway_alerts(status: dict[str, Any] | None, now: float) -> list[Alert]:
     """What the gateway's status record says is wrong: missing or stale, sockets down, auth refused, circuits open,
-    quarantine."""
+    quarantine, queues refusing private events."""
     if status is None:
         return [Alert("gateway.status.stale", "gateway", "critical", {"reason": "no status record"})]
     age = now - status.get("updated_at", 0)
@@ -143,4 +167,5 @@ def gateway_alerts(status: dict[str, Any] | None, now: float) -> list[Alert]:
     balances = status.get("balances") or {}
     if balances.get("rejected"):
         alerts.append(Alert("gateway.balances.rejected", "gateway", "warning", {"rows": balances["rejected"]}))
+    alerts += private_alerts(status.get("private") or {})
     return alerts

@@ -33,6 +33,9 @@ GATEWAY_COUNTERS = {
     "confirmed": ("wsgateway_gateway_confirmed", "Publishes confirmed by RabbitMQ"),
     "republished": ("wsgateway_gateway_republished", "Events published again after a broker reconnect"),
     "nacked": ("wsgateway_gateway_nacked", "Publishes RabbitMQ refused (kept and retried for private events)"),
+    "returned": ("wsgateway_gateway_returned", "Private publishes RabbitMQ returned: their queue was gone (retried)"),
+    "spilled": ("wsgateway_gateway_spilled", "Private events sent to <queue>.overflow: its parked set was full"),
+    "reordered": ("wsgateway_gateway_reordered", "Private events a queue took while an earlier one was refused"),
     "dropped": ("wsgateway_gateway_dropped", "Market events dropped by the hand-off policy"),
     "malformed": ("wsgateway_gateway_malformed", "Bybit frames that could not be used"),
     "unencodable": ("wsgateway_gateway_unencodable", "Events AMQP cannot carry (routing key > 255 bytes), set aside"),
@@ -83,6 +86,12 @@ def gateway_metrics(status: dict[str, Any] | None, now: float) -> Iterator[Metri
     for reason, count in sorted((status.get("quarantined_by_reason") or {}).items()):
         quarantined.add_metric([reason], count)
     yield quarantined
+    parked = GaugeMetricFamily(
+        "wsgateway_gateway_private_parked", "Private events held back because their queue refused", labels=["queue"]
+    )
+    for queue, count in sorted(((status.get("private") or {}).get("parked") or {}).items()):
+        parked.add_metric([queue], count)
+    yield parked
     circuit = GaugeMetricFamily("wsgateway_gateway_circuit_open", "1 while a Bybit circuit breaker is open")
     circuit.add_metric([], 1 if (status.get("circuit") or {}).get("state") == "open" else 0)
     yield circuit

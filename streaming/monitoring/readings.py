@@ -21,7 +21,7 @@ from django.db.models import Max, QuerySet
 
 from streaming.models import QueueSample
 from streaming.publisher import amqp_params, connect
-from streaming.reconciler import queue_arguments
+from streaming.reconciler import UNROUTABLE, queue_arguments
 from subscriptions.models import Subscription
 from subscriptions.topics import EVENT_CLASSES, QUEUE_PREFIX
 
@@ -133,6 +133,18 @@ def read_queues_declare() -> list[QueueReading]:
     finally:
         conn.close()
     return readings
+
+
+def read_unroutable_depth() -> int | None:
+    """Messages in ws-gateway.unroutable (a passive declare: current, unlike the management API's figures)."""
+    conn = connect(settings.RABBITMQ_URL, name="ws-gateway monitor")
+    try:
+        _, depth, _ = conn.channel().queue_declare(UNROUTABLE, passive=True)
+        return depth
+    except amqp.NotFound:
+        return None  # the gateway declares it; none yet
+    finally:
+        conn.close()
 
 
 def read_queues() -> list[QueueReading]:

@@ -21,9 +21,10 @@ from streaming.monitoring.checks import (
     fill_ratio,
     gateway_alerts,
     queue_alerts,
+    unroutable_alerts,
     worst,
 )
-from streaming.monitoring.readings import earlier_depths_by_queue, read_queues
+from streaming.monitoring.readings import earlier_depths_by_queue, read_queues, read_unroutable_depth
 from subscriptions.models import Subscription
 from wsgateway.health import read_gateway_status
 
@@ -37,6 +38,7 @@ def check_queues(client: redis.Redis) -> dict[str, Any]:
     now = timezone.now()
     try:
         readings = read_queues()
+        unroutable = read_unroutable_depth()
     except (OSError, amqp.AMQPError) as exc:
         error = f"{type(exc).__name__}: {exc}"[:200]
         unreachable = Alert("rabbitmq.unreachable", "rabbitmq", "critical", {"error": error})
@@ -44,7 +46,7 @@ def check_queues(client: redis.Redis) -> dict[str, Any]:
         emit(events)
         return {"queues": 0, "events": crossings(events), "error": error}
     depths = earlier_depths_by_queue([r.queue for r in readings], now)
-    samples, alerts, context = [], [], {}
+    samples, alerts, context = [], unroutable_alerts(unroutable), {}
     for reading in readings:
         fill = fill_ratio(reading)
         found = queue_alerts(reading, fill, depths.get(reading.queue, []))

@@ -11,7 +11,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from streaming.publisher import connect
 from subscriptions.models import Subscription
-from subscriptions.topics import EVENT_CLASSES, EXCHANGE
+from subscriptions.topics import EVENT_CLASSES, EXCHANGE, PRIVATE_CLASSES
 
 PREVIEW_CHARS = 160
 
@@ -33,9 +33,13 @@ class Command(BaseCommand):
         rows = Subscription.objects.filter(service_name=options["service"], status__in=Subscription.LIVE_STATUSES)
         if options["event_class"]:
             rows = rows.filter(event_class=options["event_class"])
-        keys = sorted(set(rows.values_list("routing_key", flat=True)))
+        # Private events go to each service queue by name, not through the exchange: nothing to tap.
+        private = rows.filter(event_class__in=PRIVATE_CLASSES).exists()
+        keys = sorted(set(rows.exclude(event_class__in=PRIVATE_CLASSES).values_list("routing_key", flat=True)))
+        if private:
+            self.stderr.write("private classes are delivered to the service's queues by name and cannot be followed")
         if not keys:
-            raise CommandError(f"service {options['service']!r} has no live subscriptions to follow")
+            raise CommandError(f"service {options['service']!r} has no live market subscriptions to follow")
         conn = connect(settings.RABBITMQ_URL, name="ws-gateway tail_events")
         channel = conn.channel()
         channel.exchange_declare(EXCHANGE, "topic", durable=True, auto_delete=False)
