@@ -22,6 +22,7 @@ from psycopg.conninfo import make_conninfo
 
 from streaming.balances import BalanceWriter
 from streaming.bybit import PUBLIC_CATEGORIES, BybitSocket, SocketConfig, endpoints
+from streaming.bybitrest import BybitRest
 from streaming.circuit import CircuitBreaker, ConnectionBudget
 from streaming.envelope import ControlReply, DataFrame, Envelopes, Malformed
 from streaming.lock import OwnerLock
@@ -29,6 +30,7 @@ from streaming.lvc import LastValueCache
 from streaming.marketstate import MarketState
 from streaming.publisher import Handoff, Publisher
 from streaming.reconciler import PRIVATE, NudgeListener, Reconciler
+from streaming.recovery import Recovery
 from streaming.status import Counters, StatusWriter, status_record
 from wsgateway.logging import LogThrottle
 
@@ -55,6 +57,9 @@ class GatewayConfig:
     reconcile_interval: float
     redeclare_interval: float
     park_limit: int
+    backfill_overlap_ms: int
+    backfill_first_window_ms: int
+    handover_flush: float
     handoff_size: int
     confirm_window: int
     lock_ttl: float
@@ -95,6 +100,9 @@ class GatewayConfig:
             reconcile_interval=s.GATEWAY_RECONCILE_INTERVAL,
             redeclare_interval=s.GATEWAY_REDECLARE_INTERVAL,
             park_limit=s.GATEWAY_PARK_LIMIT,
+            backfill_overlap_ms=s.GATEWAY_BACKFILL_OVERLAP_MS,
+            backfill_first_window_ms=s.GATEWAY_BACKFILL_FIRST_WINDOW_S * 1000,
+            handover_flush=s.GATEWAY_HANDOVER_FLUSH_S,
             handoff_size=s.GATEWAY_HANDOFF_SIZE,
             confirm_window=s.GATEWAY_CONFIRM_WINDOW,
             lock_ttl=s.GATEWAY_LOCK_TTL,
@@ -157,6 +165,8 @@ class Gateway:
         self.market = MarketState(self.cache, self.balances)
         self.envelopes = Envelopes(state=self.market if config.orderbooks else None)
         self.reconciler = Reconciler(self, config.reconcile_interval)
+        rest = BybitRest.from_settings(settings) if config.credentials else None
+        self.recovery = Recovery(self, rest, config.backfill_overlap_ms, config.backfill_first_window_ms)
         self.publisher.on_route_lost = self.reconciler.redeclare
         self.breakers: dict[str, CircuitBreaker] = {}  # by endpoint URL
         self.budget = ConnectionBudget()
@@ -261,6 +271,9 @@ class Gateway:
     def status(self) -> dict[str, Any]:
         return status_record(self)
 
+    def private_socket(self) -> BybitSocket | None:
+        return next((s for s in self.sockets.values() if s.category == PRIVATE), None)
+
     def new_epoch(self, epoch: int) -> None:
         """Events read from now on carry this lease's fencing epoch."""
         self.envelopes.epoch = epoch
@@ -286,6 +299,15 @@ class Gateway:
                 "gateway.publishing_stopped", in_flight=self.publisher.in_flight, handoff_depth=len(self.handoff)
             )
 
+    async def hand_over(self) -> None:
+        """Write the last status record and the watermark, then release the lock for the standby."""
+        try:
+            await self.status_writer.write(self.status())
+            await self.recovery.save(self.redis)
+            await self.lock.release()
+        except (aioredis.RedisError, OSError) as exc:
+            log.warning("gateway.handover_failed", error=f"{type(exc).__name__}: {exc}"[:200])
+
     async def run(self) -> int:
         """Serve until `stop_event` is set; return the process exit code."""
         self.loop = asyncio.get_running_loop()
@@ -294,6 +316,7 @@ class Gateway:
             await self.redis.aclose()
             return 0
         self.new_epoch(self.lock.epoch)
+        await self.recovery.load(self.redis)
         self.state = "running"
         publisher_stop = asyncio.Event()
         self.publishing = publishing = self.start(self.publisher.run(publisher_stop), "publisher")
@@ -310,6 +333,8 @@ class Gateway:
             self.start(self.reconciler.run(stop), "reconcile"),
             self.start(self.status_writer.run(self, stop), "status"),
             self.start(self.hold_lock(), "lock"),
+            self.start(self.recovery.run(stop), "recovery"),
+            self.start(self.recovery.keep_watermark(self.redis, stop, self.config.status_interval), "watermark"),
         ]
         writers = [self.start(self.cache.run(stop), "lvc"), self.start(self.balances.run(stop), "balances")]
         await stop.wait()
@@ -334,7 +359,10 @@ class Gateway:
         budget = max(0.5, deadline - time.monotonic() - 0.5)
         if self.serve_until is not None:
             budget = self.serve_until - time.monotonic()
-        flushed = await self.publisher.flush(budget)
+        flushed = await self.publisher.flush(min(budget, self.config.handover_flush))
+        if not flushed and self.exit_code != 3:
+            await self.hand_over()  # a slow broker: the successor back-fills what we are still confirming
+            flushed = await self.publisher.flush(max(0.0, deadline - time.monotonic() - 0.5))
         publisher_stop.set()
         self.publisher.close()
         await asyncio.wait({publishing}, timeout=0.5)
@@ -344,13 +372,10 @@ class Gateway:
         await asyncio.to_thread(self.nudges.thread.join, 1.0)
         await self.reconciler.finish(max(0.1, deadline - time.monotonic() - 0.3))
         self.state = "stopped"
-        try:
-            if self.exit_code != 3:  # else the lock and the status record are the next owner's
-                await self.status_writer.write(self.status())
-                await self.lock.release()
-        except (aioredis.RedisError, OSError):
-            pass
+        if not self.lock.released and self.exit_code != 3:  # else the lock and the status record are the next owner's
+            await self.hand_over()
         await self.redis.aclose()
+        await self.recovery.close()
         self.reconciler.close()
         if not flushed:
             log.error(

@@ -61,6 +61,7 @@ class OwnerLock:
         self.epoch = 0  # of the lease this instance holds or held last
         self.proven_at = 0.0  # monotonic time the last acquire or renew Redis confirmed was sent
         self.fenced_at: float | None = None
+        self.released = False
 
     @property
     def serve_until(self) -> float:
@@ -85,6 +86,7 @@ class OwnerLock:
 
     async def release(self) -> None:
         await self.release_script(keys=[self.key], args=[self.token])
+        self.released = True
 
     async def holder(self) -> str | None:
         value = await self.client.get(self.key)

@@ -29,6 +29,7 @@ import struct
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
+from itertools import chain
 from typing import Any, TypeVar
 from urllib.parse import unquote, urlsplit
 
@@ -330,6 +331,7 @@ class AmqpProtocol(asyncio.Protocol):
         self.inbox: asyncio.Queue[Frame | str] | None = asyncio.Queue()  # handshake replies; str: lost
         self.heartbeat = 0  # seconds, negotiated; 0: off
         self.frame_max = FRAME_MAX
+        self.tls = False
 
     @property
     def writable(self) -> bool:
@@ -468,6 +470,112 @@ class AmqpProtocol(asyncio.Protocol):
         self.inbox = None
 
 
+class SetAside:
+    """Events AMQP cannot carry (a routing key over 255 bytes): logged and counted, never retried."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.throttle = LogThrottle()
+
+    def screen(self, private: deque[Event]) -> None:
+        """Take private events AMQP cannot carry out of the hand-off, before they get a lane and a tag."""
+        refused = [(e, "routing key over 255 bytes") for e in private if len(e.routing_key.encode()) > 255]
+        for event, _ in refused:
+            private.remove(event)
+        if refused:
+            self.add(refused)
+
+    def add(self, refused: list[tuple[Event, str]]) -> None:
+        self.count += len(refused)
+        suppressed = self.throttle.allow("unencodable")
+        if suppressed is not None:
+            event, error = refused[0]
+            log.error(
+                "publisher.unencodable",
+                id=event.id,
+                trace_id=event.trace_id,
+                event_class=event.event_class,
+                routing_key=event.routing_key[:80],
+                error=error,
+                total=self.count,
+                suppressed=suppressed + len(refused) - 1,
+            )
+
+
+class Connector:
+    """Keeps the publisher's AMQP connection up: connect (TLS for amqps://), handshake, heartbeat, backoff."""
+
+    def __init__(
+        self, publisher: Publisher, backoff_base: float, backoff_cap: float, healthy_after: float, heartbeat: int
+    ) -> None:
+        self.publisher = publisher
+        self.backoff_base = backoff_base
+        self.backoff_cap = backoff_cap
+        self.healthy_after = healthy_after  # seconds up before a connection resets the backoff
+        self.heartbeat_wanted = heartbeat
+        self.attempt = 0  # consecutive connections that failed or died young: the backoff exponent
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Keep a connection up and publishing; return once `stop` is set and nothing is left.
+
+        A stop request does not end reconnecting while events are unconfirmed: they still need
+        a broker. The caller bounds that by cancelling this task at its own deadline. The backoff
+        grows until a connection has stayed up `healthy_after` seconds: a broker that accepts
+        the handshake and then drops us at once is not hammered.
+        """
+        publisher = self.publisher
+        while not (stop.is_set() and publisher.drained):
+            try:
+                publisher.connected_to(await self.open())
+            except (OSError, TimeoutError) as exc:
+                publisher.last_error = f"{type(exc).__name__}: {exc}"[:200]
+            else:
+                protocol = publisher.protocol
+                assert protocol is not None
+                opened_at = time.monotonic()
+                beating = asyncio.create_task(protocol.beat()) if protocol.heartbeat else None
+                reason = await protocol.closed
+                if beating is not None:
+                    beating.cancel()
+                if time.monotonic() - opened_at >= self.healthy_after:
+                    self.attempt = 0
+                if stop.is_set() and publisher.drained:
+                    return
+                publisher.connection_lost(reason)
+            delay = random.uniform(0, min(self.backoff_cap, self.backoff_base * 2**self.attempt))
+            self.attempt += 1
+            log.warning(
+                "publisher.reconnecting",
+                delay=round(delay, 3),
+                attempt=self.attempt,
+                error=publisher.last_error,
+                in_flight=publisher.in_flight,
+            )
+            await asyncio.sleep(delay)
+
+    async def open(self) -> AmqpProtocol:
+        """Connect on the loop's own transport (TLS for amqps://) and handshake with pamqp."""
+        url = self.publisher.url
+        parts = urlsplit(url)
+        tls = parts.scheme == "amqps"
+        loop = asyncio.get_running_loop()
+        async with asyncio.timeout(CONNECT_TIMEOUT):
+            _, protocol = await loop.create_connection(
+                lambda: AmqpProtocol(self.publisher),
+                parts.hostname,
+                parts.port or (5671 if tls else 5672),
+                ssl=ssl_context(**tls_settings()) if tls else None,
+                server_hostname=parts.hostname if tls else None,
+            )
+            try:
+                await protocol.handshake(url, self.heartbeat_wanted, PUBLISHER_CONNECTION_NAME, EXCHANGE)
+            except BaseException:
+                protocol.lost("handshake failed")
+                raise
+        protocol.tls = tls
+        return protocol
+
+
 class Publisher:
     """Owns the AMQP connection of the data path; `run()` keeps it up until stopped."""
 
@@ -486,11 +594,7 @@ class Publisher:
         self.url = url
         self.handoff = handoff
         self.window = window
-        self.backoff_base = backoff_base
-        self.backoff_cap = backoff_cap
-        self.healthy_after = healthy_after  # seconds up before a connection resets the backoff
-        self.heartbeat_wanted = heartbeat
-        self.attempt = 0  # consecutive connections that failed or died young: the backoff exponent
+        self.connector = Connector(self, backoff_base, backoff_cap, healthy_after, heartbeat)
         self.confirms = Confirms(park_limit=park_limit)
         self.routes = Routes()
         self.on_route_lost = on_route_lost  # after a reconnect or a return: have the queues declared again
@@ -504,7 +608,7 @@ class Publisher:
         self.retry_timer: asyncio.TimerHandle | None = None
         self.retry_timer_at = 0.0
         self.settled_event = asyncio.Event()
-        self.unencodable = 0
+        self.set_aside = SetAside()
 
     @property
     def connected(self) -> bool:
@@ -540,6 +644,21 @@ class Publisher:
         if self.routes.set(bindings):
             self.confirms.forget_idle(queue for queue, _ in self.routes.bindings)
 
+    def to_queue(self, queue: str, events: Iterable[Event]) -> None:
+        """Publish private events to one service queue only (a late joiner's snapshot), in order."""
+        for event in events:
+            self.confirms.hold(queue, event)
+        self.kick()
+
+    def private_pending_since(self) -> dict[str, int]:
+        """Per private class, when the oldest event RabbitMQ has not confirmed yet was read (ms)."""
+        oldest: dict[str, int] = {}
+        waiting = (event for lane in self.confirms.busy.values() for _, event, _ in lane.waiting)
+        for event in chain(self.handoff.private, self.confirms.unconfirmed.values(), waiting):
+            if event.private and event.received_ts < oldest.get(event.event_class, event.received_ts + 1):
+                oldest[event.event_class] = event.received_ts
+        return oldest
+
     def kick(self) -> None:
         """Publish what is waiting, later in this loop tick (once, however many kicks)."""
         if not self.scheduled:
@@ -551,66 +670,26 @@ class Publisher:
         return not self.in_flight and not len(self.handoff)
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Keep a connection up and publishing; return once `stop` is set and nothing is left.
+        """Keep a connection up and publishing until `stop` is set and nothing is left (Connector.run)."""
+        await self.connector.run(stop)
 
-        A stop request does not end reconnecting while events are unconfirmed: they still need
-        a broker. The caller bounds that by cancelling this task at its own deadline. The backoff
-        grows until a connection has stayed up `healthy_after` seconds: a broker that accepts
-        the handshake and then drops us at once is not hammered.
-        """
-        while not (stop.is_set() and self.drained):
-            try:
-                await self.open()
-            except (OSError, TimeoutError) as exc:
-                self.last_error = f"{type(exc).__name__}: {exc}"[:200]
-            else:
-                assert self.protocol is not None
-                opened_at = time.monotonic()
-                beating = asyncio.create_task(self.protocol.beat()) if self.protocol.heartbeat else None
-                reason = await self.protocol.closed
-                if beating is not None:
-                    beating.cancel()
-                if time.monotonic() - opened_at >= self.healthy_after:
-                    self.attempt = 0
-                if stop.is_set() and self.drained:
-                    return
-                self.connection_lost(reason)
-            delay = random.uniform(0, min(self.backoff_cap, self.backoff_base * 2**self.attempt))
-            self.attempt += 1
-            log.warning(
-                "publisher.reconnecting",
-                delay=round(delay, 3),
-                attempt=self.attempt,
-                error=self.last_error,
-                in_flight=self.in_flight,
-            )
-            await asyncio.sleep(delay)
+    @property
+    def attempt(self) -> int:
+        return self.connector.attempt
 
-    async def open(self) -> None:
-        """Connect on the loop's own transport (TLS for amqps://), handshake with pamqp, then publish."""
-        parts = urlsplit(self.url)
-        tls = parts.scheme == "amqps"
-        loop = asyncio.get_running_loop()
-        async with asyncio.timeout(CONNECT_TIMEOUT):
-            _, protocol = await loop.create_connection(
-                lambda: AmqpProtocol(self),
-                parts.hostname,
-                parts.port or (5671 if tls else 5672),
-                ssl=ssl_context(**tls_settings()) if tls else None,
-                server_hostname=parts.hostname if tls else None,
-            )
-            try:
-                await protocol.handshake(self.url, self.heartbeat_wanted, PUBLISHER_CONNECTION_NAME, EXCHANGE)
-            except BaseException:
-                protocol.lost("handshake failed")
-                raise
+    @property
+    def unencodable(self) -> int:
+        return self.set_aside.count
+
+    def connected_to(self, protocol: AmqpProtocol) -> None:
+        """A new connection is ready: publish on it, the unconfirmed first; have queues declared again."""
         self.protocol = protocol
         self.frame_max = protocol.frame_max
         log.info(
             "publisher.reconnected" if self.reconnects else "publisher.connected",
             republishing=len(self.confirms.retry),
             heartbeat=protocol.heartbeat,
-            tls=tls,
+            tls=protocol.tls,
         )
         if self.reconnects and self.on_route_lost is not None:
             self.on_route_lost()  # a broker that restarted without its definitions has no queues
@@ -632,7 +711,7 @@ class Publisher:
             return
         confirms = self.confirms
         if self.handoff.private:
-            self.screen(self.handoff.private)
+            self.set_aside.screen(self.handoff.private)
             confirms.fan_out(self.handoff.private, self.routes)
         room = min(BATCH, self.window - len(confirms.unconfirmed))
         channel_id, exchange, frame_max = self.channel_id, shortstr(EXCHANGE), self.frame_max
@@ -657,7 +736,7 @@ class Publisher:
             except ValueError:
                 events, encoded, refused = encode_each(events, channel_id, exchange, frame_max)
                 frames += encoded
-                self.set_aside(refused)
+                self.set_aside.add(refused)
             confirms.sent(events)
         if frames:
             protocol.transport.write(b"".join(frames))  # type: ignore[union-attr]
@@ -665,31 +744,6 @@ class Publisher:
             self.kick()  # more may wait: let acks and readers in first, then go on
         if confirms.busy:
             self.schedule_retry()
-
-    def screen(self, private: deque[Event]) -> None:
-        """Set aside private events AMQP cannot carry before they get a lane and a delivery tag."""
-        refused = [(e, "routing key over 255 bytes") for e in private if len(e.routing_key.encode()) > 255]
-        for event, _ in refused:
-            private.remove(event)
-        if refused:
-            self.set_aside(refused)
-
-    def set_aside(self, refused: list[tuple[Event, str]]) -> None:
-        """Events AMQP cannot carry: logged and counted, never retried (nothing about them will change)."""
-        self.unencodable += len(refused)
-        suppressed = self.throttle.allow("unencodable")
-        if suppressed is not None:
-            event, error = refused[0]
-            log.error(
-                "publisher.unencodable",
-                id=event.id,
-                trace_id=event.trace_id,
-                event_class=event.event_class,
-                routing_key=event.routing_key[:80],
-                error=error,
-                total=self.unencodable,
-                suppressed=suppressed + len(refused) - 1,
-            )
 
     def schedule_retry(self) -> None:
         """Wake up when the earliest refused queue may be tried again."""

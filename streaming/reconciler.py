@@ -338,6 +338,7 @@ class Reconciler:
         self.rejected: dict[tuple[str, str], str] = {}  # (socket category, topic) -> Bybit's ret_msg
         self.seen: dict[tuple[str, str], float] = {}  # (socket category, topic) -> last event time
         self.last_events_flushed = 0.0
+        self.private_classes: set[str] = set()  # of the live private subscriptions: what recovery repairs
         self.nudged = asyncio.Event()
         self.throttle = LogThrottle()
 
@@ -355,6 +356,7 @@ class Reconciler:
             await self.in_io(self.bindings.ensure, rows, publisher.confirms.overflow_queues())
         finally:  # routed even when the declares failed: a publish to a missing queue comes back and waits
             publisher.route_private((r.queue_name, r.routing_key) for r in rows if r.event_class in PRIVATE_CLASSES)
+        self.private_classes = {r.event_class for r in rows if r.event_class in PRIVATE_CLASSES}
 
         wanted: dict[str, set[str]] = defaultdict(set)
         for row in rows:
@@ -435,6 +437,9 @@ class Reconciler:
     def topics_confirmed(self, sock: BybitSocket, topics: list[str]) -> None:
         """Bybit confirmed these topics: their pending rows become active."""
         log.info("bybit.subscribed", socket=sock.name, topics=len(topics), first=topics[0])
+        if sock.category == PRIVATE:
+            # A private stream (re)started: what happened while it was down is only on Bybit's REST API.
+            self.gateway.recovery.request("subscribed")
         self.in_background(mark_active, sock.category, topics)
 
     def topic_rejected(self, sock: BybitSocket, topic: str, message: str) -> None:

@@ -231,6 +231,10 @@ GATEWAY_CONFIRM_WINDOW = env_int("GATEWAY_CONFIRM_WINDOW", 2_000, 1)
 GATEWAY_REDECLARE_INTERVAL = env_float("GATEWAY_REDECLARE_INTERVAL", 30.0, 0.1)
 # Private events a full queue refused, kept per queue; past it, later ones go to <queue>.overflow.
 GATEWAY_PARK_LIMIT = env_int("GATEWAY_PARK_LIMIT", 10_000, 1)
+# Private-state recovery from Bybit's REST API after every gap (docs/gateway.md "Recovery").
+GATEWAY_BACKFILL_OVERLAP_MS = env_int("GATEWAY_BACKFILL_OVERLAP_MS", 10_000, 0)
+GATEWAY_BACKFILL_FIRST_WINDOW_S = env_int("GATEWAY_BACKFILL_FIRST_WINDOW_S", 900, 0)
+GATEWAY_HANDOVER_FLUSH_S = env_float("GATEWAY_HANDOVER_FLUSH_S", 1.0, 0.0)
 # Socket reads pause (at most GATEWAY_MAX_READ_PAUSE s) while this many market events wait.
 GATEWAY_BACKPRESSURE_AT = env_int("GATEWAY_BACKPRESSURE_AT", 5_000, 1)
 GATEWAY_MAX_READ_PAUSE = env_float("GATEWAY_MAX_READ_PAUSE", 0.5, 0.0)

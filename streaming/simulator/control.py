@@ -140,8 +140,13 @@ class Control:
         return len(clients)
 
     async def stall(self, seconds: float) -> None:
-        """Send no data and answer no ping for `seconds`; connections stay open."""
+        """Send no data and answer no ping for `seconds`; connections stay open.
+
+        Private events emitted meanwhile are held up and arrive when the stall ends, on the
+        connections still open then: a client that gave up on a silent socket never gets them.
+        """
         self.simulator.faults.stalled_until = time.monotonic() + seconds
+        asyncio.get_running_loop().call_later(seconds, self.simulator.feed.release_held)
 
     async def refuse(self, seconds: float, path: str = "") -> None:
         """Answer new connections (to `path` only, if given) with HTTP 503 for `seconds`."""

@@ -120,6 +120,7 @@ class Client:
     topics: set[str] = field(default_factory=set)
     authed: bool = False
     welcome: list[bytes] = field(default_factory=list)  # snapshots owed to it after a subscribe ack
+    held: list[bytes] = field(default_factory=list)  # private frames a stall holds up, as a stalled network does
     last_ping: float = field(default_factory=time.monotonic)
 
     def write(self, frames: bytes) -> bool:
@@ -248,7 +249,17 @@ class Feed:
                     if subscribed in client.topics:
                         sent = {**message, "topic": subscribed}
                         self.sent[("private", subscribed)] += 1
-                        client.write(ws_frame(orjson.dumps(sent)))
+                        if self.faults.is_stalled():
+                            client.held.append(ws_frame(orjson.dumps(sent)))
+                        else:
+                            client.write(ws_frame(orjson.dumps(sent)))
+
+    def release_held(self) -> None:
+        """A stall is over: what it held up arrives now, on the connections that outlived it."""
+        for client in list(self.clients):
+            held, client.held = client.held, []
+            if held:
+                client.write(b"".join(held))
 
 
 class Simulator:
