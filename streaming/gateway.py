@@ -37,7 +37,7 @@ from wsgateway.logging import LogThrottle
 log = structlog.get_logger(__name__)
 
 SHUTDOWN_BUDGET = 9.0  # seconds from SIGTERM to exit, leaving a margin under 10
-MARKET_STATE_CLASSES = frozenset(("orderbook", "ticker", "trade", "balance"))
+MARKET_STATE_CLASSES = frozenset(("orderbook", "ticker", "trade", "balance", "order", "position"))
 OVERSIZED = Malformed("oversized frame")
 NOT_SUBSCRIBED = Malformed("topic not subscribed on this socket")
 

@@ -25,7 +25,9 @@ from wsgateway.logging import LogThrottle
 
 log = structlog.get_logger(__name__)
 
-KINDS = ("orderbook", "ticker", "trade")
+KINDS = ("orderbook", "ticker", "trade", "order", "position")
+OPEN_ORDER_STATUSES = frozenset(("New", "PartiallyFilled", "Untriggered"))  # Bybit's open states
+ORDER_TIMES_KEPT = 100_000  # orders whose last update time is remembered, so a late older state loses
 Key = tuple[str, str]  # (hash name, field)
 FLUSH_DUTY_FACTOR = 4
 
@@ -44,6 +46,14 @@ def ticker_key(prefix: str, category: str, symbol: str) -> Key:
 
 def trade_key(prefix: str, category: str, symbol: str) -> Key:
     return hash_name(prefix, "trade"), f"{category}:{symbol}"
+
+
+def order_key(prefix: str, order_id: str) -> Key:
+    return hash_name(prefix, "order"), order_id
+
+
+def position_key(prefix: str, category: str, symbol: str, position_idx: Any) -> Key:
+    return hash_name(prefix, "position"), f"{category}:{symbol}:{position_idx}"
 
 
 def keys_of_topic(prefix: str, category: str, topic: str) -> list[Key]:
@@ -67,6 +77,7 @@ class LastValueCache:
         self.interval = interval
         self.dirty: dict[Key, Callable[[], dict[str, Any]]] = {}
         self.gone: set[Key] = set()
+        self.versions: dict[Key, tuple[int, int]] = {}  # order/position -> (time, seq) last kept
         self.writes = 0
         self.errors = 0
         self.throttle = LogThrottle()
@@ -84,6 +95,36 @@ class LastValueCache:
 
     def trade(self, category: str, symbol: str, trade: dict[str, Any], exchange_ts: int | None) -> None:
         self.dirty[trade_key(self.prefix, category, symbol)] = lambda: {"data": trade, "exchange_ts": exchange_ts}
+
+    def order(self, item: dict[str, Any]) -> None:
+        """An order's newest state: kept while it is open, removed once filled, cancelled or rejected."""
+        order_id = item.get("orderId")
+        if order_id:
+            key = order_key(self.prefix, str(order_id))
+            open_ = item.get("orderStatus") in OPEN_ORDER_STATUSES
+            self.keep_newest(key, (int(item.get("updatedTime") or 0), 0), item, open_)
+
+    def position(self, item: dict[str, Any]) -> None:
+        """A position's newest state: kept while it has a size."""
+        if item.get("category") and item.get("symbol"):
+            key = position_key(self.prefix, item["category"], item["symbol"], item.get("positionIdx", 0))
+            version = (int(item.get("updatedTime") or 0), int(item.get("seq") or 0))
+            self.keep_newest(key, version, item, item.get("size") not in ("0", "", None))
+
+    def keep_newest(self, key: Key, version: tuple[int, int], item: dict[str, Any], keep: bool) -> None:
+        """Mark `item` (or its removal) unless a newer state of the same key was kept already."""
+        if version < self.versions.get(key, (-1, -1)):
+            return  # a late copy (a back-fill overlapping the stream) must not undo a newer state
+        self.versions[key] = version
+        if len(self.versions) > ORDER_TIMES_KEPT:
+            for old in list(self.versions)[: ORDER_TIMES_KEPT // 4]:
+                del self.versions[old]
+        if keep:
+            self.gone.discard(key)
+            self.dirty[key] = lambda: {"data": item, "exchange_ts": version[0] or None}
+        else:
+            self.dirty.pop(key, None)
+            self.gone.add(key)
 
     def forget(self, category: str, topic: str) -> None:
         """The gateway left this topic: its cached values go at the next flush."""

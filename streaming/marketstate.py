@@ -145,6 +145,11 @@ class MarketState:
             trades = msg.get("data")
             if isinstance(trades, list) and trades:
                 self.cache.trade(frame.category, frame.symbol, trades[-1], ts)
+        elif frame.event_class in ("order", "position") and self.cache is not None:
+            keep = self.cache.order if frame.event_class == "order" else self.cache.position
+            for item in msg["data"]:
+                if isinstance(item, dict):
+                    keep(item)
         elif frame.event_class == "balance" and self.balances is not None:
             for item in msg["data"]:
                 for row in rows_from_wallet(item, msg.get("creationTime") or int(time.time() * 1000)):

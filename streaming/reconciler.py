@@ -357,6 +357,9 @@ class Reconciler:
         finally:  # routed even when the declares failed: a publish to a missing queue comes back and waits
             publisher.route_private((r.queue_name, r.routing_key) for r in rows if r.event_class in PRIVATE_CLASSES)
         self.private_classes = {r.event_class for r in rows if r.event_class in PRIVATE_CLASSES}
+        gw.recovery.live_queues(
+            {r.queue_name: r.event_class for r in rows if r.event_class in PRIVATE_CLASSES and r.status == "active"}
+        )
 
         wanted: dict[str, set[str]] = defaultdict(set)
         for row in rows:

@@ -48,14 +48,13 @@ def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-def rest_event(event_class: str, item: dict[str, Any], category: str, epoch: int, source: str = "rest") -> Event:
-    """One REST item as the event the WebSocket path would have made of it (same id), marked by `source`.
+def as_streamed(item: dict[str, Any], category: str) -> dict[str, Any]:
+    """A REST list item as the WebSocket sends it: REST names the category once beside the list."""
+    return {"category": category, **item} if category and "category" not in item else item
 
-    REST lists name the category once beside the list; the item gets it back, as the
-    WebSocket sends it, so the two copies of one event are equal.
-    """
-    if category and "category" not in item:
-        item = {"category": category, **item}
+
+def rest_event(event_class: str, item: dict[str, Any], epoch: int, source: str = "rest") -> Event:
+    """One (streamed-shape) REST item as the event the WebSocket path makes of it: the same id."""
     received_ts = now_ms()
     if event_class == "balance":
         symbol, routing_key = item.get("accountType", ""), f"balance.{item.get('accountType', '')}"
@@ -106,6 +105,10 @@ class Recovery:
         self.overlap_ms = overlap_ms
         self.first_window_ms = first_window_ms  # how far back to look when no watermark was ever kept
         self.key = f"{gateway.config.redis_prefix}gateway:watermark"
+        self.snapshot_key = f"{gateway.config.redis_prefix}gateway:snapshotted"
+        self.snapshotted: set[str] = set()  # private queues that got their late-joiner snapshot
+        self.snapshots_due: dict[str, str] = {}  # queue -> class
+        self.snapshots = 0
         self.marks: dict[str, int] = {}  # class -> ms: everything before was confirmed
         self.floor: dict[str, int] = {}  # class -> ms: a back-fill from here is not confirmed yet
         self.gap = asyncio.Event()
@@ -131,6 +134,17 @@ class Recovery:
         """Read the watermark the previous owner left; the first back-fill starts there."""
         stored = await client.hgetall(self.key)
         self.marks = {k.decode(): int(v) for k, v in stored.items()}
+        self.snapshotted = {m.decode() for m in await client.smembers(self.snapshot_key)}
+
+    def live_queues(self, queues: dict[str, str]) -> None:
+        """The private queues with an active subscription now ({queue: class}): a new one gets a snapshot, once."""
+        if self.rest is None:
+            return
+        for queue, event_class in queues.items():
+            if queue not in self.snapshotted and queue not in self.snapshots_due:
+                self.snapshots_due[queue] = event_class
+                self.gap.set()
+        self.snapshotted &= set(queues)  # a queue subscribed again later is a late joiner again
 
     def watermarks(self, now: int) -> dict[str, int]:
         """Each class's watermark now: the oldest unconfirmed event, a back-fill's start, or the last frame read.
@@ -181,7 +195,10 @@ class Recovery:
             self.gap.clear()
             reasons, self.reasons = self.reasons, []
             try:
-                await self.backfill(",".join(sorted(set(reasons))) or "gap")
+                if reasons:
+                    await self.backfill(",".join(sorted(set(reasons))))
+                if self.snapshots_due:
+                    await self.snapshot()
             except (BybitRestError, OSError) as exc:
                 self.last_error = str(exc)[:200]
                 log.error("recovery.backfill_failed", error=self.last_error, retry="on the next gap or in 30 s")
@@ -217,6 +234,28 @@ class Recovery:
                               "seconds": round(time.monotonic() - started, 3)}  # fmt: skip
         log.info("recovery.backfilled", reason=reason, counts=counts, seconds=self.last_backfill["seconds"])
 
+    async def snapshot(self) -> None:
+        """Send each late joiner's queue, and that queue alone, the current state of its class (source: rest).
+
+        A `resync` event with reason `snapshot` ends it, also when there was nothing to send.
+        """
+        due, self.snapshots_due = self.snapshots_due, {}
+        for queue, event_class in due.items():
+            try:
+                events = self.events(event_class, await self.current(event_class))
+            except (BybitRestError, OSError):
+                self.snapshots_due.update({q: c for q, c in due.items() if q not in self.snapshotted})
+                raise
+            now = now_ms()
+            events.append(resync_event(event_class, now, now, {"events": len(events)}, "snapshot"))
+            self.gateway.publisher.to_queue(queue, events)
+            self.snapshotted.add(queue)
+            self.snapshots += 1
+            log.info("recovery.snapshot_sent", queue=queue, event_class=event_class, events=len(events))
+        await self.gateway.redis.delete(self.snapshot_key)
+        if self.snapshotted:
+            await self.gateway.redis.sadd(self.snapshot_key, *self.snapshotted)
+
     async def confirmed(self, classes: Iterable[str], read_until: int, timeout: float) -> bool:
         """Wait until RabbitMQ confirmed every private event of `classes` read up to `read_until` (ms)."""
         deadline = time.monotonic() + timeout
@@ -230,28 +269,45 @@ class Recovery:
     async def fetch(self, event_class: str, since: int, until: int) -> list[Event]:
         """The events of one class Bybit knows of in [since, until]: complete or latest, as the class allows."""
         assert self.rest is not None
-        epoch = self.gateway.envelopes.epoch
-        events: list[Event] = []
+        items: list[dict[str, Any]] = []
         if event_class == "execution":
             for category in ORDER_CATEGORIES:
-                items = await self.rest.executions(category, start_ms=since, end_ms=until)
-                items.sort(key=lambda i: int(i.get("execTime") or 0))
-                events += [rest_event("execution", item, category, epoch) for item in items]
+                found = await self.rest.executions(category, start_ms=since, end_ms=until)
+                items += sorted((as_streamed(i, category) for i in found), key=lambda i: int(i.get("execTime") or 0))
         elif event_class == "order":
             for category in ORDER_CATEGORIES:
-                items = await self.rest.open_orders(category)
-                items += await self.rest.recent_closed_orders(category)
-                items += await self.rest.order_history(category, startTime=since, endTime=until)
-                events += [rest_event("order", item, category, epoch) for item in latest_orders(items, since)]
+                found = await self.rest.open_orders(category)
+                found += await self.rest.recent_closed_orders(category)
+                found += await self.rest.order_history(category, startTime=since, endTime=until)
+                items += latest_orders((as_streamed(i, category) for i in found), since)
+        else:
+            items = await self.current(event_class)
+        return self.events(event_class, items)
+
+    async def current(self, event_class: str) -> list[dict[str, Any]]:
+        """What Bybit holds now for a class: open orders, positions, the wallet (executions have no state)."""
+        assert self.rest is not None
+        items: list[dict[str, Any]] = []
+        if event_class == "order":
+            for category in ORDER_CATEGORIES:
+                items += [as_streamed(i, category) for i in await self.rest.open_orders(category)]
         elif event_class == "position":
             for category in POSITION_CATEGORIES:
-                items = await self.rest.positions(category)
-                events += [rest_event("position", item, category, epoch) for item in items]
+                items += [as_streamed(i, category) for i in await self.rest.positions(category)]
         elif event_class == "balance":
             for account in WALLET_ACCOUNTS:
-                items = await self.rest.wallet_balance(account)
-                events += [rest_event("balance", item, "", epoch) for item in items]
-                for item in items:
-                    for row in rows_from_wallet(item, until):
-                        self.gateway.balances.offer(row)
-        return events
+                items += await self.rest.wallet_balance(account)
+        return items
+
+    def events(self, event_class: str, items: list[dict[str, Any]]) -> list[Event]:
+        """REST items as events; the account cache and the balance writer take them as they take the stream's."""
+        epoch, cache, now = self.gateway.envelopes.epoch, self.gateway.cache, now_ms()
+        for item in items:
+            if event_class == "order":
+                cache.order(item)
+            elif event_class == "position":
+                cache.position(item)
+            elif event_class == "balance":
+                for row in rows_from_wallet(item, now):
+                    self.gateway.balances.offer(row)
+        return [rest_event(event_class, item, epoch) for item in items]

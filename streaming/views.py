@@ -1,4 +1,4 @@
-"""Read-only API over the data plane: cached market state and balances."""
+"""Read-only API over the data plane: cached market state, the account's orders, positions and balances."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from streaming.lvc import book_key, ticker_key
+from streaming.lvc import book_key, hash_name, ticker_key
 from streaming.models import AccountBalance, QueueSample
 from streaming.monitoring.readings import latest_samples
 from subscriptions.authentication import Caller
@@ -78,6 +78,58 @@ class TickerView(APIView):
         if ticker is None:
             raise exceptions.NotFound(f"No cached ticker for {category} {symbol}: is a service subscribed to it?")
         return Response({"category": category, "symbol": symbol, **with_age(ticker)})
+
+
+def cached_all(kind: str) -> list[dict[str, Any]]:
+    """Every value of one cache hash (the account's open orders or positions), as the gateway wrote them."""
+    client = redis.Redis.from_url(
+        settings.REDIS_URL, socket_timeout=CACHE_TIMEOUT, socket_connect_timeout=CACHE_TIMEOUT
+    )
+    try:
+        values = client.hvals(hash_name(settings.REDIS_KEY_PREFIX, kind))
+    finally:
+        client.close()
+    return [orjson.loads(raw)["data"] for raw in values]
+
+
+def by_category_and_symbol(items: list[dict[str, Any]], request: Request) -> list[dict[str, Any]]:
+    category, symbol = request.query_params.get("category"), request.query_params.get("symbol")
+    if category is not None and category not in CATEGORIES:
+        raise exceptions.ValidationError({"category": [f"use one of {', '.join(CATEGORIES)}"]})
+    return [i for i in items if category in (None, i.get("category")) and symbol in (None, i.get("symbol"))]
+
+
+ACCOUNT_FILTERS = [
+    OpenApiParameter("category", str, enum=list(CATEGORIES), description="only this category"),
+    OpenApiParameter("symbol", str, description="only this symbol"),
+]
+
+
+class AccountOrdersView(APIView):
+    """The account's open orders, newest first, as the gateway last saw them (stream and REST back-fill)."""
+
+    @extend_schema(
+        parameters=[OpenApiParameter("status", str, enum=["open"], description="only `open` is kept"), *ACCOUNT_FILTERS]
+    )
+    def get(self, request: Request) -> Response:
+        status = request.query_params.get("status", "open")
+        if status != "open":
+            raise exceptions.ValidationError(
+                {"status": ["only open orders are kept; closed ones are in the order stream"]}
+            )
+        orders = by_category_and_symbol(cached_all("order"), request)
+        orders.sort(key=lambda o: int(o.get("createdTime") or 0), reverse=True)
+        return Response({"count": len(orders), "results": orders})
+
+
+class AccountPositionsView(APIView):
+    """The account's open positions (size above zero), as the gateway last saw them."""
+
+    @extend_schema(parameters=ACCOUNT_FILTERS)
+    def get(self, request: Request) -> Response:
+        positions = by_category_and_symbol(cached_all("position"), request)
+        positions.sort(key=lambda p: (p.get("category", ""), p.get("symbol", ""), p.get("positionIdx", 0)))
+        return Response({"count": len(positions), "results": positions})
 
 
 class BalanceSerializer(serializers.ModelSerializer):

@@ -1,0 +1,84 @@
+"""A service that subscribes late gets the account's current state; the API serves open orders and positions."""
+
+from __future__ import annotations
+
+import pytest
+from rest_framework.test import APIClient
+
+from subscriptions.models import Subscription
+from subscriptions.services import subscription_create
+from tests.conftest import QueueReader, wait_for
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def subscribe(service: str, channel: str) -> Subscription:
+    subscription, _ = subscription_create(service_name=service, channel=channel)
+    wait_for(
+        lambda: (subscription.refresh_from_db() or subscription.status) == "active",
+        timeout=10,
+        message=f"{service}'s {channel} subscription live",
+    )
+    return subscription
+
+
+def order_ids(messages: list[dict], source: str | None = None) -> set[str]:
+    return {
+        m["data"]["orderId"]
+        for m in messages
+        if m.get("type") != "resync" and (source is None or m.get("source") == source)
+    }
+
+
+def test_a_late_joiner_gets_the_open_orders_placed_before_it_subscribed(
+    start_gateway, simulator, rabbit, settings, api_client: APIClient
+) -> None:
+    settings.BYBIT_REST_URL = simulator.rest_url
+    start_gateway()
+    subscribe("early", "order")
+    early = QueueReader(rabbit, "ws-gateway.early.order")
+    early.wait(lambda m: any(x.get("reason") == "snapshot" for x in m), message="early's own (empty) snapshot")
+    for n in range(3):
+        simulator.call(simulator.sim.emit_order(orderId=f"open-{n}"))
+    simulator.call(simulator.sim.emit_order(orderId="done", orderStatus="Filled"))
+    early.wait(lambda m: order_ids(m) >= {"open-0", "open-1", "open-2", "done"}, message="the orders streamed")
+
+    subscribe("late", "order")
+    late = QueueReader(rabbit, "ws-gateway.late.order")
+    late.wait(lambda m: order_ids(m, "rest") == {"open-0", "open-1", "open-2"}, message="the late joiner's snapshot")
+    snapshot = [m for m in late.messages if m.get("source") == "rest" and m["type"] != "resync"]
+    assert all(m["type"] == "snapshot" and m["class"] == "order" for m in snapshot)
+    late.wait(lambda m: any(x.get("reason") == "snapshot" and x["counts"] == {"events": 3} for x in m))
+    assert {m["id"] for m in snapshot} <= {m["id"] for m in early.messages}  # the stream's ids: dedupe works
+
+    early.drain(0.5)
+    assert order_ids(early.messages, "rest") == set()  # the snapshot went to the late joiner's queue alone
+
+    response = api_client.get("/api/v1/account/orders", {"status": "open"})
+    assert response.status_code == 200
+    assert {o["orderId"] for o in response.json()["results"]} == {"open-0", "open-1", "open-2"}
+    assert api_client.get("/api/v1/account/orders", {"status": "closed"}).status_code == 400
+    early.close()
+    late.close()
+
+
+def test_open_positions_are_served_and_a_closed_one_leaves(
+    start_gateway, simulator, rabbit, settings, api_client: APIClient
+) -> None:
+    settings.BYBIT_REST_URL = simulator.rest_url
+    start_gateway()
+    subscribe("alpha", "position")
+    reader = QueueReader(rabbit, "ws-gateway.alpha.position")
+    simulator.call(simulator.sim.emit_position(symbol="BTCUSDT", size="0.5"))
+    simulator.call(simulator.sim.emit_position(symbol="ETHUSDT", size="2"))
+    reader.wait(lambda m: {p["data"]["symbol"] for p in m if p.get("type") != "resync"} >= {"BTCUSDT", "ETHUSDT"})
+
+    def served() -> set[str]:
+        return {p["symbol"] for p in api_client.get("/api/v1/account/positions").json()["results"]}
+
+    wait_for(lambda: served() == {"BTCUSDT", "ETHUSDT"}, message="both positions served")
+    simulator.call(simulator.sim.emit_position(symbol="ETHUSDT", size="0"))
+    wait_for(lambda: served() == {"BTCUSDT"}, message="the closed position gone")
+    linear = api_client.get("/api/v1/account/positions", {"category": "linear", "symbol": "BTCUSDT"}).json()
+    assert [p["size"] for p in linear["results"]] == ["0.5"]
+    reader.close()
