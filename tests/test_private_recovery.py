@@ -25,7 +25,15 @@ import redis
 from django.conf import settings
 
 from subscriptions.services import subscription_create
-from tests.conftest import SIMULATOR_CREDENTIALS, TIMEOUT_FACTOR, QueueReader, SimulatorThread, wait_for
+from tests.conftest import (
+    SIMULATOR_CREDENTIALS,
+    TIMEOUT_FACTOR,
+    QueueReader,
+    SimulatorThread,
+    close_publisher_connections,
+    wait_for,
+)
+from tests.test_gateway_sockets import set_connection_limit
 
 pytestmark = pytest.mark.django_db(transaction=True)
 ROOT = Path(__file__).resolve().parent.parent
@@ -209,9 +217,12 @@ def run_scenario(sim: SimulatorThread, rabbit: str, fault) -> dict:
         settle(sim, desk)
     finally:
         lost = {k: len(v) for k, v in missing(sim, desk).items()}
-        repeats = assert_duplicates_share_ids(desk)
-        desk.close()
-    return {"emitted": len(sim.sim.private.ledger), "lost": lost, "repeats": repeats}
+        result = {"emitted": len(sim.sim.private.ledger), "lost": lost}
+        print(f"\nrecovery scenario: {result}")  # the figures for the record (pytest -s)
+    result["repeats"] = assert_duplicates_share_ids(desk)
+    desk.close()
+    print(f"recovery scenario repeats: {result['repeats']}")
+    return result
 
 
 def test_kill_9_failover_to_a_standby_loses_no_private_event(spawn, ledger_simulator, rabbit, redis_prefix) -> None:
@@ -266,3 +277,45 @@ def test_a_stalled_private_socket_loses_no_private_event(spawn, ledger_simulator
     subscribe_private()
     result = run_scenario(ledger_simulator, rabbit, lambda: ledger_simulator.call(ledger_simulator.sim.stall(3.0)))
     assert result["lost"] == {"execution": 0, "order": 0, "position": 0}, result
+
+
+def test_a_broker_stall_during_handover_loses_no_private_event(spawn, ledger_simulator, rabbit, redis_prefix) -> None:
+    """The owner cannot reach RabbitMQ when it is told to stop: it hands over anyway, and nothing is lost."""
+    owner = spawn()
+    wait_for(lambda: f":{owner.pid}:" in lock_holder(redis_prefix), timeout=15, message="the first gateway to own")
+    standby = spawn()
+    subscribe_private()
+
+    def stall_then_hand_over() -> None:
+        set_connection_limit(rabbit, 0)  # the broker takes no new connection: the owner's publisher cannot return
+        try:
+            wait_for(lambda: close_publisher_connections(rabbit) > 0, timeout=10, message="the publisher cut off")
+            owner.send_signal(signal.SIGTERM)
+            wait_for(lambda: f":{standby.pid}:" in lock_holder(redis_prefix), timeout=LOCK_TTL * 4,
+                     message="the standby to take over while the owner still drains")  # fmt: skip
+        finally:
+            set_connection_limit(rabbit, None)
+        owner.wait(15 * TIMEOUT_FACTOR)  # exit 1: it stopped with events it could not confirm
+
+    result = run_scenario(ledger_simulator, rabbit, stall_then_hand_over)
+    assert result["lost"] == {"execution": 0, "order": 0, "position": 0}, result
+
+
+def test_a_reconnect_storm_stays_inside_bybits_rest_limits(spawn, ledger_simulator, rabbit) -> None:
+    """Ten private reconnects in a row under tight limits: back-fills wait for the limit, none is refused."""
+    tight = {path: 4 for path in ("/v5/order/realtime", "/v5/order/history", "/v5/execution/list",
+                                  "/v5/position/list", "/v5/account/wallet-balance")}  # fmt: skip
+    ledger_simulator.sim.rest.set_limits(tight, window=1.0)
+    spawn()
+    subscribe_private()
+
+    def storm() -> None:
+        for _ in range(10):
+            ledger_simulator.call(ledger_simulator.sim.drop_connections(abrupt=True))
+            time.sleep(0.2)  # a flapping link, not a wait for a condition
+
+    result = run_scenario(ledger_simulator, rabbit, storm)
+    assert result["lost"] == {"execution": 0, "order": 0, "position": 0}, result
+    answered = ledger_simulator.sim.rest.answered
+    refused = {key: n for key, n in answered.items() if key[1] in (10006, 10018, 403)}
+    assert sum(answered.values()) > 0 and refused == {}, answered
