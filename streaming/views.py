@@ -19,7 +19,7 @@ from rest_framework.views import APIView
 from streaming.lvc import book_key, ticker_key
 from streaming.models import AccountBalance, QueueSample
 from streaming.monitoring.readings import latest_samples
-from subscriptions.authentication import Caller
+from subscriptions.authentication import AccountScope, Caller, MarketScope
 from subscriptions.topics import CATEGORIES, ORDERBOOK_DEPTHS, SYMBOL_PATTERN
 
 CACHE_TIMEOUT = 2.0
@@ -54,6 +54,8 @@ def with_age(value: dict[str, Any]) -> dict[str, Any]:
 class OrderBookView(APIView):
     """The latest cached book of a subscribed topic (the deepest one cached), top `depth` levels."""
 
+    permission_classes = [MarketScope]
+
     @extend_schema(parameters=[OpenApiParameter("depth", int, description="levels per side to return")])
     def get(self, request: Request, category: str, symbol: str) -> Response:
         check_market(category, symbol)
@@ -71,6 +73,8 @@ class OrderBookView(APIView):
 
 class TickerView(APIView):
     """The latest complete (merged) ticker of a subscribed topic."""
+
+    permission_classes = [MarketScope]
 
     def get(self, request: Request, category: str, symbol: str) -> Response:
         check_market(category, symbol)
@@ -94,6 +98,8 @@ class BalanceFilter(django_filters.FilterSet):
 
 class BalanceListView(generics.ListAPIView):
     """Wallet balances per account type and coin, as of Bybit's latest wallet event."""
+
+    permission_classes = [AccountScope]
 
     queryset = AccountBalance.objects.all()
     serializer_class = BalanceSerializer

@@ -229,10 +229,10 @@ class QueueReader:
 
 @pytest.fixture
 def service_key(db) -> str:
-    """The raw API key of service "alpha"."""
+    """The raw API key of service "alpha", with market and account scopes."""
     from subscriptions.services import api_key_issue
 
-    return api_key_issue(service_name="alpha")[1]
+    return api_key_issue(service_name="alpha", scopes=["market", "account"])[1]
 
 
 @pytest.fixture
