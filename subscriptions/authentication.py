@@ -15,6 +15,8 @@ from django.conf import settings
 from django.http import HttpRequest
 from django.utils import timezone
 from drf_spectacular.extensions import OpenApiAuthenticationExtension
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 from rest_framework import authentication, exceptions, permissions
 from rest_framework.request import Request
 
@@ -78,12 +80,12 @@ def is_ip(text: str) -> bool:
 
 @functools.cache
 def failure_store(url: str) -> redis.Redis:
-    """One pooled client per Redis URL for the whole process."""
+    """One pooled client per Redis URL for the whole process; one retry covers a connection Redis closed."""
     return redis.Redis.from_url(
         url,
         socket_timeout=FAILURE_STORE_TIMEOUT,
         socket_connect_timeout=FAILURE_STORE_TIMEOUT,
-        health_check_interval=30,
+        retry=Retry(NoBackoff(), 1),
     )
 
 
