@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import amqp
 import django_filters
 import orjson
 import redis
@@ -18,9 +19,10 @@ from rest_framework.views import APIView
 
 from streaming.lvc import book_key, ticker_key
 from streaming.models import AccountBalance, QueueSample
-from streaming.monitoring.readings import latest_samples
+from streaming.monitoring.cleanup import QueueInUse, QueueMissing, queue_delete
+from streaming.monitoring.readings import latest_samples, parse_queue_name
 from subscriptions.authentication import AccountScope, Caller, MarketScope
-from subscriptions.topics import CATEGORIES, ORDERBOOK_DEPTHS, SYMBOL_PATTERN
+from subscriptions.topics import CATEGORIES, ORDERBOOK_DEPTHS, SERVICE_NAME_PATTERN, SYMBOL_PATTERN
 
 CACHE_TIMEOUT = 2.0
 
@@ -136,6 +138,23 @@ class QueueListView(generics.ListAPIView):
         return own_samples(self.request, latest_samples())
 
 
+class QueueDeletedSerializer(serializers.Serializer):
+    queue = serializers.CharField()
+    messages_discarded = serializers.IntegerField(help_text="messages that were still in the queue")
+
+
+class Conflict(exceptions.APIException):
+    status_code = 409
+    default_code = "conflict"
+    default_detail = "The request conflicts with the current state."
+
+
+class Unavailable(exceptions.APIException):
+    status_code = 503
+    default_code = "unavailable"
+    default_detail = "A service this request needs did not answer."
+
+
 class QueueDetailView(APIView):
     """One queue: its latest figures and its recent samples, newest first."""
 
@@ -151,3 +170,20 @@ class QueueDetailView(APIView):
         if not samples:
             raise exceptions.NotFound(f"No samples for queue {name!r} of your service yet.")
         return Response({**samples[0], "samples": samples})
+
+    @extend_schema(request=None, responses={200: QueueDeletedSerializer})
+    def delete(self, request: Request, name: str) -> Response:
+        """Delete one of the caller's queues and its messages; 409 while a live subscription uses it."""
+        caller: Caller = request.user  # type: ignore[assignment]
+        parsed = parse_queue_name(name)
+        if parsed is None or not SERVICE_NAME_PATTERN.match(parsed[0]) or not caller.can_act_for(parsed[0]):
+            raise exceptions.NotFound("No such queue of your service.")
+        try:
+            discarded = queue_delete(queue=name)
+        except QueueInUse as exc:
+            raise Conflict(f"{exc}.", code="queue_in_use") from None
+        except QueueMissing:
+            raise exceptions.NotFound("No such queue of your service.") from None
+        except (OSError, amqp.exceptions.AMQPError):
+            raise Unavailable("RabbitMQ did not answer; nothing was deleted.", code="rabbitmq_unavailable") from None
+        return Response({"queue": name, "messages_discarded": discarded})

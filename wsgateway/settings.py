@@ -292,6 +292,10 @@ QUEUE_MAX_LENGTH = {
 }
 # x-message-ttl for market-data queues in ms (0 = none); private queues never expire messages.
 QUEUE_MARKET_TTL_MS = env_int("QUEUE_MARKET_TTL_MS", 0)
+# A service queue no live subscription uses is deleted this many hours after its last subscription
+# ended (cancelled or failed), by a beat task; a private queue only once empty. 0: never by itself
+# (DELETE /api/v1/queues/<name> and the admin still delete one on request).
+QUEUE_DELETE_AFTER_HOURS = env_float("QUEUE_DELETE_AFTER_HOURS", 24.0)
 
 # Monitoring
 MONITOR_BACKLOG_WARNING = env_int("MONITOR_BACKLOG_WARNING", 1_000)
@@ -348,6 +352,11 @@ CELERY_BEAT_SCHEDULE = {
         "task": "streaming.monitoring.tasks.monitor_gateway",
         "schedule": MONITOR_INTERVAL,
         "options": {"expires": MONITOR_INTERVAL * 0.8},
+    },
+    "delete-unused-queues": {
+        "task": "streaming.monitoring.tasks.delete_unused_queues",
+        "schedule": 300.0,
+        "options": {"expires": 240.0},
     },
     "prune-queue-samples": {
         "task": "streaming.monitoring.tasks.prune_queue_samples",
