@@ -1,12 +1,14 @@
-"""Admin views of what the data plane keeps: balances and queue samples, read-only."""
+"""Admin views of what the data plane keeps: balances and queue samples, read-only; deleting unused queues."""
 
 from __future__ import annotations
 
-from django.contrib import admin
+import amqp
+from django.contrib import admin, messages
 from django.db.models import QuerySet
 from django.http import HttpRequest
 
 from streaming.models import AccountBalance, QueueSample, QueueStatus
+from streaming.monitoring.cleanup import QueueInUse, QueueMissing, queue_delete
 from streaming.monitoring.readings import latest_samples
 
 
@@ -42,9 +44,24 @@ class QueueStatusAdmin(ReadOnlyAdmin):
     ]  # fmt: skip
     list_filter = ["status", "event_class", "service_name"]
     search_fields = ["queue", "service_name"]
+    actions = ["delete_queues"]
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[QueueSample]:
         return latest_samples()
+
+    @admin.action(description="Delete the selected queues and their messages (refused while subscribed)")
+    def delete_queues(self, request: HttpRequest, queryset: QuerySet[QueueSample]) -> None:
+        for sample in queryset:
+            try:
+                discarded = queue_delete(queue=sample.queue)
+            except QueueInUse as exc:
+                self.message_user(request, f"Kept {sample.queue}: {exc}.", messages.ERROR)
+            except QueueMissing:
+                self.message_user(request, f"{sample.queue} was already gone.", messages.INFO)
+            except (OSError, amqp.exceptions.AMQPError) as exc:
+                self.message_user(request, f"Kept {sample.queue}: RabbitMQ did not answer ({exc}).", messages.ERROR)
+            else:
+                self.message_user(request, f"Deleted {sample.queue} ({discarded} messages).", messages.SUCCESS)
 
     @admin.display(description="fill %")
     def fill_percent(self, sample: QueueSample) -> str:

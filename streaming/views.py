@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import amqp
 import django_filters
 import orjson
 import redis
@@ -18,9 +19,10 @@ from rest_framework.views import APIView
 
 from streaming.lvc import book_key, hash_name, ticker_key
 from streaming.models import AccountBalance, QueueSample
-from streaming.monitoring.readings import latest_samples
-from subscriptions.authentication import Caller
-from subscriptions.topics import CATEGORIES, ORDERBOOK_DEPTHS, SYMBOL_PATTERN
+from streaming.monitoring.cleanup import QueueInUse, QueueMissing, queue_delete
+from streaming.monitoring.readings import latest_samples, parse_queue_name
+from subscriptions.authentication import AccountScope, Caller, MarketScope
+from subscriptions.topics import CATEGORIES, ORDERBOOK_DEPTHS, SERVICE_NAME_PATTERN, SYMBOL_PATTERN
 
 CACHE_TIMEOUT = 2.0
 
@@ -54,6 +56,8 @@ def with_age(value: dict[str, Any]) -> dict[str, Any]:
 class OrderBookView(APIView):
     """The latest cached book of a subscribed topic (the deepest one cached), top `depth` levels."""
 
+    permission_classes = [MarketScope]
+
     @extend_schema(parameters=[OpenApiParameter("depth", int, description="levels per side to return")])
     def get(self, request: Request, category: str, symbol: str) -> Response:
         check_market(category, symbol)
@@ -71,6 +75,8 @@ class OrderBookView(APIView):
 
 class TickerView(APIView):
     """The latest complete (merged) ticker of a subscribed topic."""
+
+    permission_classes = [MarketScope]
 
     def get(self, request: Request, category: str, symbol: str) -> Response:
         check_market(category, symbol)
@@ -108,6 +114,8 @@ ACCOUNT_FILTERS = [
 class AccountOrdersView(APIView):
     """The account's open orders, newest first, as the gateway last saw them (stream and REST back-fill)."""
 
+    permission_classes = [AccountScope]
+
     @extend_schema(
         parameters=[OpenApiParameter("status", str, enum=["open"], description="only `open` is kept"), *ACCOUNT_FILTERS]
     )
@@ -124,6 +132,8 @@ class AccountOrdersView(APIView):
 
 class AccountPositionsView(APIView):
     """The account's open positions (size above zero), as the gateway last saw them."""
+
+    permission_classes = [AccountScope]
 
     @extend_schema(parameters=ACCOUNT_FILTERS)
     def get(self, request: Request) -> Response:
@@ -146,6 +156,8 @@ class BalanceFilter(django_filters.FilterSet):
 
 class BalanceListView(generics.ListAPIView):
     """Wallet balances per account type and coin, as of Bybit's latest wallet event."""
+
+    permission_classes = [AccountScope]
 
     queryset = AccountBalance.objects.all()
     serializer_class = BalanceSerializer
@@ -182,6 +194,23 @@ class QueueListView(generics.ListAPIView):
         return own_samples(self.request, latest_samples())
 
 
+class QueueDeletedSerializer(serializers.Serializer):
+    queue = serializers.CharField()
+    messages_discarded = serializers.IntegerField(help_text="messages that were still in the queue")
+
+
+class Conflict(exceptions.APIException):
+    status_code = 409
+    default_code = "conflict"
+    default_detail = "The request conflicts with the current state."
+
+
+class Unavailable(exceptions.APIException):
+    status_code = 503
+    default_code = "unavailable"
+    default_detail = "A service this request needs did not answer."
+
+
 class QueueDetailView(APIView):
     """One queue: its latest figures and its recent samples, newest first."""
 
@@ -197,3 +226,20 @@ class QueueDetailView(APIView):
         if not samples:
             raise exceptions.NotFound(f"No samples for queue {name!r} of your service yet.")
         return Response({**samples[0], "samples": samples})
+
+    @extend_schema(request=None, responses={200: QueueDeletedSerializer})
+    def delete(self, request: Request, name: str) -> Response:
+        """Delete one of the caller's queues and its messages; 409 while a live subscription uses it."""
+        caller: Caller = request.user  # type: ignore[assignment]
+        parsed = parse_queue_name(name)
+        if parsed is None or not SERVICE_NAME_PATTERN.match(parsed[0]) or not caller.can_act_for(parsed[0]):
+            raise exceptions.NotFound("No such queue of your service.")
+        try:
+            discarded = queue_delete(queue=name)
+        except QueueInUse as exc:
+            raise Conflict(f"{exc}.", code="queue_in_use") from None
+        except QueueMissing:
+            raise exceptions.NotFound("No such queue of your service.") from None
+        except (OSError, amqp.exceptions.AMQPError):
+            raise Unavailable("RabbitMQ did not answer; nothing was deleted.", code="rabbitmq_unavailable") from None
+        return Response({"queue": name, "messages_discarded": discarded})

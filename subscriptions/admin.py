@@ -1,4 +1,4 @@
-"""Operators' admin: subscriptions (with cancel), API keys (issue shows the key once, revoke)."""
+"""Operators' admin: subscriptions (with cancel), API keys (issue with scopes, shown once; revoke)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from django.db.models import QuerySet
 from django.http import HttpRequest
 
 from subscriptions import services
-from subscriptions.models import ApiKey, Subscription
+from subscriptions.models import ApiKey, Scope, Subscription, default_scopes
 
 
 @admin.register(Subscription)
@@ -43,15 +43,26 @@ class SubscriptionAdmin(admin.ModelAdmin):
 
 
 class ApiKeyForm(forms.ModelForm):
+    scopes = forms.TypedMultipleChoiceField(
+        choices=Scope.choices,
+        widget=forms.CheckboxSelectMultiple,
+        initial=default_scopes,
+        required=False,
+        help_text="None ticked issues the default: market data only.",
+    )
+
     class Meta:
         model = ApiKey
-        fields = ["service_name", "label"]
+        fields = ["service_name", "label", "scopes"]
+
+    def clean_scopes(self) -> list[str]:
+        return self.cleaned_data["scopes"] or default_scopes()
 
 
 @admin.register(ApiKey)
 class ApiKeyAdmin(admin.ModelAdmin):
     form = ApiKeyForm
-    list_display = ["service_name", "prefix", "label", "created_at", "last_used_at", "revoked_at"]
+    list_display = ["service_name", "prefix", "label", "scopes", "created_at", "last_used_at", "revoked_at"]
     list_filter = ["service_name"]
     search_fields = ["service_name", "prefix", "label"]
     actions = ["revoke_selected"]
@@ -61,9 +72,10 @@ class ApiKeyAdmin(admin.ModelAdmin):
 
     def save_model(self, request: HttpRequest, obj: ApiKey, form: Any, change: bool) -> None:
         if change:
-            obj.save(update_fields=["label"])
+            # Scopes can change on a live key: granting or withdrawing account data needs no new key.
+            obj.save(update_fields=["label", "scopes"])
             return
-        key, raw = services.api_key_issue(service_name=obj.service_name, label=obj.label)
+        key, raw = services.api_key_issue(service_name=obj.service_name, label=obj.label, scopes=obj.scopes)
         obj.pk, obj.prefix, obj.key_hash, obj.created_at = key.pk, key.prefix, key.key_hash, key.created_at
         self.message_user(
             request, f"New key for {key.service_name}: {raw} (copy it now: it is not shown again).", messages.WARNING

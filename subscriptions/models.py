@@ -9,6 +9,7 @@ import uuid
 from datetime import datetime, timedelta
 
 from django.conf import settings
+from django.contrib.postgres.fields import ArrayField
 from django.db import models
 from django.utils import timezone
 
@@ -18,6 +19,21 @@ MAX_SERVICE_NAME = 63
 MAX_SYMBOL = 40
 # Private streams and liquidations can be quiet for hours; only these classes can go stale.
 STALE_CLASSES = ("trade", "ticker", "orderbook", "kline")
+
+
+class Scope(models.TextChoices):
+    """What a service key may reach; the operator key holds every scope."""
+
+    MARKET = "market", "market data (public streams, cached books and tickers)"
+    ACCOUNT = "account", "private account data (order, execution, position, balance streams; balances)"
+
+
+SCOPES = tuple(Scope.values)
+
+
+def default_scopes() -> list[str]:
+    """New keys get market data only; private account data is granted explicitly."""
+    return [Scope.MARKET]
 
 
 def hash_api_key(raw: str) -> str:
@@ -44,6 +60,11 @@ class ApiKey(models.Model):
     created_at = models.DateTimeField(default=timezone.now, editable=False)
     last_used_at = models.DateTimeField(null=True, blank=True, editable=False)
     revoked_at = models.DateTimeField(null=True, blank=True)
+    scopes = ArrayField(
+        models.CharField(max_length=16, choices=Scope.choices),
+        default=default_scopes,
+        help_text="market: market data; account: private account data",
+    )
 
     objects = ApiKeyQuerySet.as_manager()
 

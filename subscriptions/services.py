@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from datetime import UTC, datetime
 
 import structlog
@@ -12,7 +13,7 @@ from django.utils import timezone
 from kombu import Connection, Exchange, Producer
 
 from subscriptions import topics
-from subscriptions.models import ApiKey, Subscription
+from subscriptions.models import SCOPES, ApiKey, Subscription, default_scopes
 
 log = structlog.get_logger(__name__)
 
@@ -123,12 +124,22 @@ def subscriptions_record_last_events(*, seen: dict[tuple[str, str], float]) -> N
         rows.update(last_event_at=datetime.fromtimestamp(ts, tz=UTC))
 
 
-def api_key_issue(*, service_name: str, label: str = "") -> tuple[ApiKey, str]:
-    """Create a key for a service; return it and the raw key, which is never stored or shown again."""
+def api_key_issue(*, service_name: str, label: str = "", scopes: Iterable[str] | None = None) -> tuple[ApiKey, str]:
+    """Create a key for a service; return it and the raw key, which is never stored or shown again.
+
+    `scopes` defaults to market data only; raises ValueError for an unknown scope or none at all.
+    """
     topics.check_service_name(service_name)
+    wanted = set(default_scopes() if scopes is None else scopes)
+    unknown = sorted(wanted - set(SCOPES))
+    if unknown or not wanted:
+        raise ValueError(f"scopes must be one or more of {', '.join(SCOPES)}; got {', '.join(unknown) or 'none'}")
+    granted = [s for s in SCOPES if s in wanted]
     raw, prefix, key_hash = ApiKey.generate()
-    key = ApiKey.objects.create(service_name=service_name, label=label, prefix=prefix, key_hash=key_hash)
-    log.info("api_key.issued", service=service_name, prefix=prefix)
+    key = ApiKey.objects.create(
+        service_name=service_name, label=label, prefix=prefix, key_hash=key_hash, scopes=granted
+    )
+    log.info("api_key.issued", service=service_name, prefix=prefix, scopes=granted)
     return key, raw
 
 

@@ -11,13 +11,14 @@ from django.http import Http404
 from drf_spectacular.utils import extend_schema
 from rest_framework import exceptions, mixins, status
 from rest_framework.decorators import action
+from rest_framework.permissions import IsAuthenticated
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import exception_handler as drf_exception_handler
 from rest_framework.viewsets import GenericViewSet
 
 from subscriptions import services, topics
-from subscriptions.authentication import Caller
+from subscriptions.authentication import Caller, SubscribeScope
 from subscriptions.models import Subscription
 from subscriptions.serializers import CancelledCountSerializer, SubscriptionRequestSerializer, SubscriptionSerializer
 
@@ -73,6 +74,7 @@ class SubscriptionViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, Gene
 
     serializer_class = SubscriptionSerializer
     filterset_class = SubscriptionFilter
+    permission_classes = [IsAuthenticated, SubscribeScope]
 
     def get_queryset(self) -> QuerySet[Subscription]:
         caller: Caller = self.request.user  # type: ignore[assignment]

@@ -49,6 +49,15 @@ def close_publisher_connections(url: str) -> int:
 
 
 @pytest.fixture(scope="session")
+def django_db_setup(django_db_setup):
+    """pytest-django's, plus: /health's kept connections are closed before the test database is dropped."""
+    yield
+    from wsgateway.health import close_idle_connections
+
+    close_idle_connections()
+
+
+@pytest.fixture(scope="session")
 def rabbit_vhost() -> Iterator[str]:
     """A RabbitMQ vhost of this test session, deleted at the end; returns its AMQP URL."""
     name = f"wsgateway-test-{uuid.uuid4().hex[:8]}"
@@ -229,10 +238,10 @@ class QueueReader:
 
 @pytest.fixture
 def service_key(db) -> str:
-    """The raw API key of service "alpha"."""
+    """The raw API key of service "alpha", with market and account scopes."""
     from subscriptions.services import api_key_issue
 
-    return api_key_issue(service_name="alpha")[1]
+    return api_key_issue(service_name="alpha", scopes=["market", "account"])[1]
 
 
 @pytest.fixture

@@ -82,3 +82,13 @@ def test_open_positions_are_served_and_a_closed_one_leaves(
     linear = api_client.get("/api/v1/account/positions", {"category": "linear", "symbol": "BTCUSDT"}).json()
     assert [p["size"] for p in linear["results"]] == ["0.5"]
     reader.close()
+
+
+def test_the_account_endpoints_need_the_account_scope(db) -> None:
+    from subscriptions.services import api_key_issue
+
+    client = APIClient()
+    client.credentials(HTTP_X_API_KEY=api_key_issue(service_name="charts", scopes=["market"])[1])
+    for path in ("/api/v1/account/orders", "/api/v1/account/positions"):
+        response = client.get(path)
+        assert response.status_code == 403 and response.json()["code"] == "missing_scope", path

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 import time
 from collections.abc import Iterator
+from urllib.parse import quote, urlsplit
 
 import orjson
 import pytest
 import redis
 from django.test import Client
+
+from tests.conftest import management_api, wait_for
 
 pytestmark = pytest.mark.django_db
 
@@ -131,3 +135,63 @@ def test_health_never_shows_credentials(settings, redis_prefix: str) -> None:
     settings.RABBITMQ_URL = f"amqp://guest:topsecretpw@127.0.0.1:{closed_port()}//"
     _, body, _ = get_health()
     assert "topsecretpw" not in orjson.dumps(body).decode()
+
+
+def health_connections(settings, rabbit: str) -> dict[str, set]:
+    """The connections /health holds right now, as each server lists them."""
+    from django.db import connection
+
+    from wsgateway.health import CONNECTION_NAME
+
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT pid FROM pg_stat_activity WHERE application_name = %s AND datname = %s",
+            [CONNECTION_NAME, settings.DATABASES["default"]["NAME"]],
+        )
+        database = {pid for (pid,) in cursor.fetchall()}
+    client = redis.Redis.from_url(settings.REDIS_URL)
+    cache = {c["id"] for c in client.client_list() if c["name"] == f"ws-gateway-health-{os.getpid()}"}
+    client.close()
+    vhost = quote(urlsplit(rabbit).path[1:], safe="")
+    broker = {
+        c["name"]
+        for c in management_api(f"/vhosts/{vhost}/connections").json()
+        if c.get("client_properties", {}).get("connection_name") == CONNECTION_NAME
+    }
+    return {"database": database, "redis": cache, "rabbitmq": broker}
+
+
+def test_repeated_calls_reuse_the_same_connections(settings, rabbit: str, redis_prefix: str) -> None:
+    write_status(settings, age=0.1)
+    assert get_health()[0] == 200
+    # The broker lists a new connection after a moment; the database and Redis at once.
+    before = wait_for(
+        lambda: (held := health_connections(settings, rabbit)) and all(held.values()) and held,
+        message="the kept connections to show",
+    )
+    assert len(before["database"]) == len(before["rabbitmq"]) == 1, before
+    for _ in range(20):
+        assert get_health()[0] == 200
+    after = health_connections(settings, rabbit)
+    assert (after["database"], after["rabbitmq"]) == (before["database"], before["rabbitmq"])
+    # Redis serves two checks of each call (ping, gateway record), which may overlap: at most two.
+    assert len(after["redis"]) <= 2 and len(after["redis"] - before["redis"]) <= 1, (before, after)
+
+
+def test_a_kept_connection_the_server_closed_is_replaced_without_a_false_alarm(settings, rabbit: str) -> None:
+    assert get_health()[1]["checks"]["rabbitmq"]["status"] == "ok"
+    wait_for(lambda: close_health_connections(rabbit), message="the broker to list the kept connection")
+    assert get_health()[1]["checks"]["rabbitmq"]["status"] == "ok"
+
+
+def close_health_connections(rabbit: str) -> int:
+    """Close /health's AMQP connections from the broker's side, as a broker restart would."""
+    from wsgateway.health import CONNECTION_NAME
+
+    vhost = quote(urlsplit(rabbit).path[1:], safe="")
+    closed = 0
+    for conn in management_api(f"/vhosts/{vhost}/connections").json():
+        if conn.get("client_properties", {}).get("connection_name") == CONNECTION_NAME:
+            management_api(f"/connections/{quote(conn['name'], safe='')}", "DELETE", headers={"X-Reason": "test"})
+            closed += 1
+    return closed

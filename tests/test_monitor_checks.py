@@ -146,11 +146,30 @@ def test_worst_severity_is_the_status_a_sample_shows() -> None:
     assert worst(check(reading(ready=1_000, consumers=0, max_length=1_000))) == "critical"
 
 
-def test_dropped_estimate_is_what_was_published_and_neither_delivered_nor_kept() -> None:
-    assert dropped_estimate(reading(ready=100, published=127, delivered=0)) == 27
-    assert dropped_estimate(reading(ready=5, published=50, delivered=45)) == 0
+def test_a_full_queue_has_dropped_what_was_published_and_neither_delivered_nor_kept() -> None:
+    assert dropped_estimate(reading(ready=100, max_length=100, published=127, delivered=0)) == 27
+    assert dropped_estimate(reading(ready=96, max_length=100, published=127, delivered=0)) == 31  # figures lag
+    assert dropped_estimate(reading(ready=5, max_length=5, published=50, delivered=45)) == 0
     # A passive declare has no counters: unknown, not zero.
     assert dropped_estimate(reading(source="declare", ready=100, unacked=None)) is None
+
+
+def test_a_queue_far_from_full_drops_nothing_however_its_counters_lag() -> None:
+    """Seen live: 5% full, the deliver counter a second behind the publish counter, "238 dropped"."""
+    lagging = reading(ready=50, max_length=1_000, published=10_238, delivered=9_950)
+    assert dropped_estimate(lagging) == 0
+    # Drops counted while it was full stand: below the limit the count cannot grow.
+    assert dropped_estimate(lagging, previous=27) == 27
+
+
+def test_a_queue_with_a_message_ttl_can_drop_at_any_fill() -> None:
+    expiring = reading(ready=10, max_length=1_000, message_ttl=60_000, published=500, delivered=400)
+    assert dropped_estimate(expiring) == 90
+
+
+def test_a_byte_limit_counts_as_full_too() -> None:
+    by_bytes = reading(ready=10, max_length=None, bytes=990, max_bytes=1_000, published=40, delivered=20)
+    assert dropped_estimate(by_bytes) == 10
 
 
 def status(**fields: Any) -> dict[str, Any]:

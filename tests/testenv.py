@@ -13,5 +13,8 @@ os.environ.setdefault("DJANGO_DEBUG", "false")
 os.environ.setdefault("LOG_FORMAT", "console")
 os.environ.setdefault("LOG_LEVEL", "INFO")
 os.environ.setdefault("BYBIT_ENVIRONMENT", "simulator")
+# Failed-key counters live in Redis per client address, and every test process here calls from
+# 127.0.0.1: off by default, on in the tests that check it (with their own key prefix).
+os.environ.setdefault("AUTH_FAILURE_LIMIT", "0")
 # Scales every wait in the suite, for slow machines (as websockets' own tests do).
 os.environ.setdefault("WSGATEWAY_TESTS_TIMEOUT_FACTOR", "1")

@@ -3,14 +3,20 @@
 Policy: the database, RabbitMQ or Redis unreachable -> `down` (503); the gateway's status
 record missing or stale, or a running gateway with a problem an operator must act on (Bybit
 refusing the API key) -> `degraded` (200), because the API still works without it.
+
+The round trips go over connections kept open between calls (one per concurrent check), so a
+load balancer polling /health does not open three connections a call.
 """
 
 from __future__ import annotations
 
+import functools
+import os
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from concurrent.futures import ThreadPoolExecutor, wait
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import amqp
 import orjson
@@ -19,6 +25,8 @@ import redis
 from django.conf import settings
 from django.http import HttpRequest, JsonResponse
 from django.views.decorators.http import require_GET
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from streaming.publisher import amqp_params
 from subscriptions.models import Subscription
@@ -26,6 +34,10 @@ from wsgateway.logging import redact_value
 
 # Hung checks keep their thread until their own socket timeout; a small pool bounds that.
 POOL = ThreadPoolExecutor(max_workers=8, thread_name_prefix="health")
+CONNECTION_NAME = "ws-gateway health"
+# Idle connections kept per dependency; more are opened only while checks overlap.
+KEEP_IDLE = 2
+CHANNEL_ID = 1  # the AMQP channel each kept connection opens for its round trips
 GATEWAY_PASSTHROUGH = (
     "state", "circuit", "sockets", "counters", "handoff_depth", "in_flight", "publisher", "books", "lvc", "balances",
     "malformed_by_reason", "read_pauses", "circuits", "private",
@@ -33,36 +45,142 @@ GATEWAY_PASSTHROUGH = (
 )  # fmt: skip
 
 
+ConnT = TypeVar("ConnT")
+ResultT = TypeVar("ResultT")
+
+
+class IdleConnections(Generic[ConnT]):
+    """Open connections to one dependency, reused across /health calls; thread-safe."""
+
+    def __init__(self, connect: Callable[[], ConnT], close: Callable[[ConnT], None], keep: int = KEEP_IDLE) -> None:
+        self.connect, self.close, self.keep = connect, close, keep
+        self.idle: list[ConnT] = []
+        self.lock = threading.Lock()
+
+    def run(self, use: Callable[[ConnT], ResultT]) -> ResultT:
+        """Call `use` on an idle connection, else a new one; a reused connection that fails is
+        dropped and the call made once more on a new one (the server may have closed it)."""
+        with self.lock:
+            conn = self.idle.pop() if self.idle else None
+        if conn is not None:
+            try:
+                return self.finish(conn, use(conn))
+            except Exception:  # noqa: BLE001 - a stale connection; a new one decides
+                self.discard(conn)
+        conn = self.connect()
+        try:
+            return self.finish(conn, use(conn))
+        except BaseException:
+            self.discard(conn)
+            raise
+
+    def finish(self, conn: ConnT, result: ResultT) -> ResultT:
+        with self.lock:
+            if len(self.idle) < self.keep:
+                self.idle.append(conn)
+                return result
+        self.discard(conn)
+        return result
+
+    def close_idle(self) -> None:
+        with self.lock:
+            idle, self.idle = self.idle, []
+        for conn in idle:
+            self.discard(conn)
+
+    def discard(self, conn: ConnT) -> None:
+        try:
+            self.close(conn)
+        except Exception:  # noqa: BLE001 - closing a broken connection may fail too; it is gone either way
+            pass
+
+
+POOLS: dict[Hashable, IdleConnections[Any]] = {}
+POOLS_LOCK = threading.Lock()
+
+
+def idle_connections(key: Hashable, connect: Callable[[], Any], close: Callable[[Any], None]) -> IdleConnections[Any]:
+    """The process's connections for `key` (what they connect to and how), made on first use."""
+    with POOLS_LOCK:
+        if key not in POOLS:
+            POOLS[key] = IdleConnections(connect, close)
+        return POOLS[key]
+
+
+def close_idle_connections() -> None:
+    """Close every connection /health keeps (before dropping a database they point at, as tests do)."""
+    with POOLS_LOCK:
+        pools = list(POOLS.values())
+    for pool in pools:
+        pool.close_idle()
+
+
 def check_database(timeout: float) -> dict[str, Any]:
     db = settings.DATABASES["default"]
-    with psycopg.connect(
-        host=db.get("HOST") or None,
-        port=db.get("PORT") or None,
-        dbname=db["NAME"],
-        user=db.get("USER") or None,
-        password=db.get("PASSWORD") or None,
-        connect_timeout=max(1, round(timeout)),
-        options=f"-c statement_timeout={int(timeout * 1000)}",
-    ) as conn:
-        conn.execute("SELECT 1")
-        table = Subscription._meta.db_table
+    params = {
+        "host": db.get("HOST") or None,
+        "port": db.get("PORT") or None,
+        "dbname": db["NAME"],
+        "user": db.get("USER") or None,
+        "password": db.get("PASSWORD") or None,
+        "connect_timeout": max(1, round(timeout)),
+        "options": f"-c statement_timeout={int(timeout * 1000)}",
+        "application_name": CONNECTION_NAME,
+        # Autocommit: an idle pooled connection must not sit inside a transaction.
+        "autocommit": True,
+    }
+    pool = idle_connections(
+        ("database", *sorted(params.items())), lambda: psycopg.connect(**params), psycopg.Connection.close
+    )
+    table = Subscription._meta.db_table
+
+    def count_active(conn: psycopg.Connection) -> int:
         (count,) = conn.execute(f"SELECT count(*) FROM {table} WHERE status = %s", ["active"]).fetchone()
-    return {"active_subscriptions": count}
+        return count
+
+    return {"active_subscriptions": pool.run(count_active)}
 
 
 def check_rabbitmq(timeout: float) -> dict[str, Any]:
-    conn = amqp.Connection(
-        **amqp_params(settings.RABBITMQ_URL), connect_timeout=timeout, read_timeout=timeout, write_timeout=timeout
-    )
-    try:
-        conn.connect()
-    finally:
-        conn.collect()
+    def connect() -> amqp.Connection:
+        conn = amqp.Connection(
+            **amqp_params(settings.RABBITMQ_URL),
+            connect_timeout=timeout,
+            read_timeout=timeout,
+            write_timeout=timeout,
+            client_properties={"connection_name": CONNECTION_NAME},
+        )
+        try:
+            conn.connect()
+            conn.channel(CHANNEL_ID)
+        except BaseException:
+            conn.collect()
+            raise
+        return conn
+
+    def round_trip(conn: amqp.Connection) -> None:
+        # A passive declare of an exchange every vhost has: one request and its reply.
+        conn.channels[CHANNEL_ID].exchange_declare("amq.direct", "direct", passive=True)
+
+    idle_connections(("rabbitmq", settings.RABBITMQ_URL, timeout), connect, amqp.Connection.collect).run(round_trip)
     return {}
 
 
 def redis_client(timeout: float) -> redis.Redis:
+    """A client of its own (the monitor's tasks); close it after use."""
     return redis.Redis.from_url(settings.REDIS_URL, socket_timeout=timeout, socket_connect_timeout=timeout)
+
+
+@functools.cache
+def pooled_redis(url: str, timeout: float) -> redis.Redis:
+    """/health's client: pooled, one per URL and timeout; one retry covers a connection Redis closed."""
+    return redis.Redis.from_url(
+        url,
+        socket_timeout=timeout,
+        socket_connect_timeout=timeout,
+        retry=Retry(NoBackoff(), 1),
+        client_name=f"ws-gateway-health-{os.getpid()}",
+    )
 
 
 def read_gateway_status(client: redis.Redis) -> dict[str, Any] | None:
@@ -72,11 +190,7 @@ def read_gateway_status(client: redis.Redis) -> dict[str, Any] | None:
 
 
 def check_redis(timeout: float) -> dict[str, Any]:
-    client = redis_client(timeout)
-    try:
-        client.ping()
-    finally:
-        client.close()
+    pooled_redis(settings.REDIS_URL, timeout).ping()
     return {}
 
 
@@ -95,11 +209,7 @@ def gateway_problems(record: dict[str, Any]) -> list[str]:
 
 
 def check_gateway(timeout: float) -> dict[str, Any]:
-    client = redis_client(timeout)
-    try:
-        record = read_gateway_status(client)
-    finally:
-        client.close()
+    record = read_gateway_status(pooled_redis(settings.REDIS_URL, timeout))
     if record is None:
         return {"status": "unknown", "detail": "no status record: is run_gateway running?"}
     age = time.time() - float(record.get("updated_at", 0))

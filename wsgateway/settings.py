@@ -7,6 +7,7 @@ variable (ImproperlyConfigured); secrets have no production-valid default and ar
 from __future__ import annotations
 
 import ssl
+from datetime import timedelta
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -107,6 +108,7 @@ INSTALLED_APPS = [
     "rest_framework",
     "django_filters",
     "drf_spectacular",
+    "axes",
     "subscriptions",
     "streaming",
 ]
@@ -121,7 +123,11 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    # Last, as django-axes requires: turns a locked-out admin login into its 429 page.
+    "axes.middleware.AxesMiddleware",
 ]
+# Axes first: it refuses a locked-out login before the password is even checked.
+AUTHENTICATION_BACKENDS = ["axes.backends.AxesStandaloneBackend", "django.contrib.auth.backends.ModelBackend"]
 
 ROOT_URLCONF = "wsgateway.urls"
 WSGI_APPLICATION = "wsgateway.wsgi.application"
@@ -189,6 +195,32 @@ if WS_GATEWAY_PORT > 65535:
     raise ImproperlyConfigured(f"WS_GATEWAY_PORT={WS_GATEWAY_PORT} is not a TCP port")
 # The operator key acts for every service; empty disables it.
 WS_GATEWAY_API_KEY = env.str("WS_GATEWAY_API_KEY", default="")
+# Reverse proxies in front of the web process that append to X-Forwarded-For (0: use the socket's
+# address). The API throttle and the admin lockout both identify callers this way.
+TRUSTED_PROXY_COUNT = env_int("TRUSTED_PROXY_COUNT", 0)
+# Failed API-key attempts allowed per client address and window; past it, 429 with Retry-After
+# until the window ends (0 turns the throttle off). Counted in Redis, so every web worker agrees.
+AUTH_FAILURE_LIMIT = env_int("AUTH_FAILURE_LIMIT", 20)
+AUTH_FAILURE_WINDOW = env_int("AUTH_FAILURE_WINDOW", 300, 1)
+
+# Admin login lockout (django-axes): attempts are kept in PostgreSQL, so every web worker sees
+# them and operators see them in the admin (Axes section); `manage.py axes_reset` lifts a lockout.
+AXES_LOCKOUT_CHOICES = {
+    "ip_and_username": [["ip_address", "username"]],
+    "ip": ["ip_address"],
+    "username": ["username"],
+}
+AXES_ENABLED = env_bool("AXES_ENABLED", True)
+AXES_FAILURE_LIMIT = env_int("AXES_FAILURE_LIMIT", 5, 1)
+AXES_COOLOFF_TIME = timedelta(minutes=env_float("AXES_COOLOFF_MINUTES", 15.0, 0.1))
+AXES_LOCKOUT_PARAMETERS = AXES_LOCKOUT_CHOICES[
+    env_choice("AXES_LOCKOUT_BY", "ip_and_username", tuple(AXES_LOCKOUT_CHOICES))
+]
+AXES_HANDLER = "axes.handlers.database.AxesDatabaseHandler"
+AXES_CLIENT_IP_CALLABLE = "subscriptions.authentication.client_ip"
+AXES_RESET_ON_SUCCESS = True
+# No start-up banner in every command's output; failed logins and lockouts are still logged.
+AXES_VERBOSE = False
 
 # Bybit
 BYBIT_ENVIRONMENT = env_choice("BYBIT_ENVIRONMENT", "simulator", BYBIT_ENVIRONMENTS)
@@ -264,6 +296,10 @@ QUEUE_MAX_LENGTH = {
 }
 # x-message-ttl for market-data queues in ms (0 = none); private queues never expire messages.
 QUEUE_MARKET_TTL_MS = env_int("QUEUE_MARKET_TTL_MS", 0)
+# A service queue no live subscription uses is deleted this many hours after its last subscription
+# ended (cancelled or failed), by a beat task; a private queue only once empty. 0: never by itself
+# (DELETE /api/v1/queues/<name> and the admin still delete one on request).
+QUEUE_DELETE_AFTER_HOURS = env_float("QUEUE_DELETE_AFTER_HOURS", 24.0)
 
 # Monitoring
 MONITOR_BACKLOG_WARNING = env_int("MONITOR_BACKLOG_WARNING", 1_000)
@@ -320,6 +356,11 @@ CELERY_BEAT_SCHEDULE = {
         "task": "streaming.monitoring.tasks.monitor_gateway",
         "schedule": MONITOR_INTERVAL,
         "options": {"expires": MONITOR_INTERVAL * 0.8},
+    },
+    "delete-unused-queues": {
+        "task": "streaming.monitoring.tasks.delete_unused_queues",
+        "schedule": 300.0,
+        "options": {"expires": 240.0},
     },
     "prune-queue-samples": {
         "task": "streaming.monitoring.tasks.prune_queue_samples",

@@ -25,6 +25,9 @@ GATEWAY_FAMILIES = (
     "queue.private_rejecting",
 )
 LEVELS = ("warning", "critical")
+# Drop-head discards only while a queue holds its limit of ready messages. The management
+# figures are a few seconds old, so a queue this close to its limit counts as full.
+FULL_AT = 0.95
 
 
 @dataclass
@@ -54,10 +57,27 @@ def fill_ratio(reading: QueueReading) -> float | None:
     return max(ratios) if ratios else None
 
 
-def dropped_estimate(reading: QueueReading) -> int | None:
-    """Messages the queue received that were neither delivered nor are still in it: overflow (and TTL)."""
+def can_drop(reading: QueueReading) -> bool:
+    """Whether the queue may be discarding messages now: ready messages at its limit, or a message TTL."""
+    if reading.message_ttl:
+        return True
+    if reading.max_length and reading.ready >= reading.max_length * FULL_AT:
+        return True
+    return bool(reading.max_bytes and reading.bytes is not None and reading.bytes >= reading.max_bytes * FULL_AT)
+
+
+def dropped_estimate(reading: QueueReading, previous: int | None = None) -> int | None:
+    """Messages lost to overflow (or TTL) since the queue was declared; None without counters.
+
+    While the queue can drop, it is what the queue received minus what it delivered minus what it
+    holds. Otherwise nothing can have been dropped since `previous` (the last estimate), which
+    stands: the counters come from different RabbitMQ processes and lag each other by seconds,
+    so on a busy queue far from full the subtraction shows hundreds of drops that never happened.
+    """
     if reading.published is None or reading.delivered is None:
         return None
+    if not can_drop(reading):
+        return previous or 0
     return max(0, reading.published - reading.delivered - reading.ready)
 
 

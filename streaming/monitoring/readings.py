@@ -42,6 +42,7 @@ class QueueReading:
     bytes: int | None = None
     max_length: int | None = None
     max_bytes: int | None = None
+    message_ttl: int | None = None  # ms, x-message-ttl
     publish_rate: float | None = None
     consume_rate: float | None = None
     published: int | None = None  # counters since the queue was declared (management API only)
@@ -90,6 +91,7 @@ def read_queues_management(timeout: float = 10.0) -> list[QueueReading]:
                 bytes=q.get("message_bytes"),
                 max_length=arguments.get("x-max-length"),
                 max_bytes=arguments.get("x-max-length-bytes"),
+                message_ttl=arguments.get("x-message-ttl"),
                 publish_rate=stats.get("publish_details", {}).get("rate", 0.0),
                 consume_rate=stats.get("deliver_get_details", {}).get("rate", 0.0),
                 published=stats.get("publish", 0),
@@ -171,6 +173,17 @@ def earlier_depths_by_queue(names: list[str], now: datetime) -> dict[str, list[i
         if len(depths[queue]) < needed:
             depths[queue].append(ready + (unacked or 0))
     return depths
+
+
+def last_dropped_estimates(names: list[str]) -> dict[str, int]:
+    """Each queue's dropped_estimate in its latest sample that has one (a count since the queue was declared)."""
+    rows = (
+        QueueSample.objects.filter(queue__in=names, dropped_estimate__isnull=False)
+        .order_by("queue", "-taken_at")
+        .distinct("queue")
+        .values_list("queue", "dropped_estimate")
+    )
+    return dict(rows)
 
 
 def latest_samples() -> QuerySet[QueueSample]:

@@ -24,7 +24,12 @@ from streaming.monitoring.checks import (
     unroutable_alerts,
     worst,
 )
-from streaming.monitoring.readings import earlier_depths_by_queue, read_queues, read_unroutable_depth
+from streaming.monitoring.readings import (
+    earlier_depths_by_queue,
+    last_dropped_estimates,
+    read_queues,
+    read_unroutable_depth,
+)
 from subscriptions.models import Subscription
 from wsgateway.health import read_gateway_status
 
@@ -45,7 +50,8 @@ def check_queues(client: redis.Redis) -> dict[str, Any]:
         events = sync_alerts(client, ["rabbitmq"], [unreachable])
         emit(events)
         return {"queues": 0, "events": crossings(events), "error": error}
-    depths = earlier_depths_by_queue([r.queue for r in readings], now)
+    names = [r.queue for r in readings]
+    depths, dropped = earlier_depths_by_queue(names, now), last_dropped_estimates(names)
     samples, alerts, context = [], unroutable_alerts(unroutable), {}
     for reading in readings:
         fill = fill_ratio(reading)
@@ -66,7 +72,7 @@ def check_queues(client: redis.Redis) -> dict[str, Any]:
                 fill=fill,
                 publish_rate=reading.publish_rate,
                 consume_rate=reading.consume_rate,
-                dropped_estimate=dropped_estimate(reading),
+                dropped_estimate=dropped_estimate(reading, dropped.get(reading.queue)),
                 status=worst(found),
                 alerts=[a.name for a in found],
             )

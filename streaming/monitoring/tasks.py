@@ -6,7 +6,7 @@ from typing import Any
 
 from celery import shared_task
 
-from streaming.monitoring import runs
+from streaming.monitoring import cleanup, runs
 
 
 @shared_task
@@ -25,3 +25,9 @@ def monitor_gateway() -> dict[str, Any]:
 def prune_queue_samples() -> int:
     """Delete queue samples older than MONITOR_SAMPLE_RETENTION_HOURS."""
     return runs.prune_samples()
+
+
+@shared_task
+def delete_unused_queues() -> dict[str, Any]:
+    """Delete service queues no live subscription has used for QUEUE_DELETE_AFTER_HOURS."""
+    return cleanup.delete_unused_queues()

@@ -34,7 +34,8 @@ class Command(BaseCommand):
 
     def handle(self, *args: Any, **options: Any) -> None:
         call_command("migrate", interactive=False, verbosity=0)
-        _, service_key = api_key_issue(service_name=DEMO_SERVICE, label="make demo")
+        # Both scopes: the demo subscribes to orders and the tour reads balances with this key.
+        _, service_key = api_key_issue(service_name=DEMO_SERVICE, label="make demo", scopes=["market", "account"])
         operator_key = settings.WS_GATEWAY_API_KEY or "wsg_operator_" + secrets.token_urlsafe(24)
         admin_password = secrets.token_urlsafe(12)
         admin, _ = get_user_model().objects.get_or_create(username="admin", defaults={"is_staff": True})
