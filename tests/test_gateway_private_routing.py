@@ -108,7 +108,8 @@ def test_full_queue_stalls_only_itself_and_later_gets_every_order_in_order(
     def bravo_parked() -> int:
         return private_status().get("parked", {}).get("ws-gateway.bravo.order", 0)
 
-    wait_for(lambda: bravo_parked() == 15, message="bravo's refused orders parked")
+    # 15 refused: all parked, or 14 while the lane's one probe (its oldest, sent alone) is in flight.
+    wait_for(lambda: bravo_parked() in (14, 15), message="bravo's refused orders parked")
     full = QueueReader(rabbit, "ws-gateway.bravo.order")
     full.wait(lambda m: len(m) >= 20, timeout=15, message="every order for bravo once it drains")
     full.drain(0.5)
