@@ -92,7 +92,9 @@ DEBUG = env_bool("DJANGO_DEBUG", False)
 SECRET_KEY = env.str("DJANGO_SECRET_KEY", default="")
 if not SECRET_KEY:
     if not DEBUG:
-        raise ImproperlyConfigured("DJANGO_SECRET_KEY is not set (required unless DJANGO_DEBUG=true)")
+        raise ImproperlyConfigured(
+            "DJANGO_SECRET_KEY is not set (required unless DJANGO_DEBUG=true; `make .env` writes one for development)"
+        )
     SECRET_KEY = "insecure-development-only-key"
 ALLOWED_HOSTS = env.list("DJANGO_ALLOWED_HOSTS", default=["localhost", "127.0.0.1"])
 CSRF_TRUSTED_ORIGINS = env.list("DJANGO_CSRF_TRUSTED_ORIGINS", default=[])
