@@ -11,7 +11,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from streaming.publisher import connect
 from subscriptions.models import Subscription
-from subscriptions.topics import EVENT_CLASSES, EXCHANGE, PRIVATE_CLASSES
+from subscriptions.topics import CHANNEL_NAMES, EVENT_CLASSES, EXCHANGE, PRIVATE_CLASSES, channel_named
 
 PREVIEW_CHARS = 160
 
@@ -24,7 +24,13 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--service", required=True, help="service name whose subscriptions to follow")
-        parser.add_argument("--class", dest="event_class", choices=EVENT_CLASSES, help="only this event class")
+        parser.add_argument(
+            "--class",
+            dest="event_class",
+            choices=sorted({*EVENT_CLASSES, *CHANNEL_NAMES}),
+            type=lambda name: channel_named(name).event_class if name in CHANNEL_NAMES else name,
+            help="only this event class (or channel: trades is trade)",
+        )
         parser.add_argument("--count", type=int, default=0, help="stop after this many events (0: run until Ctrl-C)")
         parser.add_argument("--timeout", type=float, default=0, help="stop after this many idle seconds (0: never)")
         parser.add_argument("--json", action="store_true", help="print whole envelopes as JSON lines")
