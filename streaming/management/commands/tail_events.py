@@ -71,10 +71,15 @@ class Command(BaseCommand):
         if as_json:
             self.stdout.write(message.body.decode() if isinstance(message.body, bytes) else message.body)
             return
-        event = orjson.loads(message.body)
-        data = orjson.dumps(event.get("data")).decode()
-        preview = data if len(data) <= PREVIEW_CHARS else data[:PREVIEW_CHARS] + "..."
-        self.stdout.write(
-            f"{event.get('received_ts')} {message.delivery_info['routing_key']} {event.get('type')} "
-            f"u={event.get('u')} seq={event.get('seq')} id={event.get('id')} {preview}"
-        )
+        self.stdout.write(describe(message))
+
+
+def describe(message: amqp.Message) -> str:
+    """One line per event: when, routing key, type, sequence fields, id and the start of its data."""
+    event = orjson.loads(message.body)
+    data = orjson.dumps(event.get("data")).decode()
+    preview = data if len(data) <= PREVIEW_CHARS else data[:PREVIEW_CHARS] + "..."
+    return (
+        f"{event.get('received_ts')} {message.delivery_info['routing_key']} {event.get('type')} "
+        f"u={event.get('u')} seq={event.get('seq')} id={event.get('id')} {preview}"
+    )
