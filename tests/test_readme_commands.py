@@ -268,7 +268,11 @@ class Runner:
             assert proc.poll() is None, f"{command} exited with {proc.returncode}"
         finally:
             proc.terminate()
-            proc.wait(15)
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()  # Flower can sit out a SIGTERM while it talks to the broker
+                proc.wait()
         self.ran.append(command)
 
     def check(self, result: subprocess.CompletedProcess[str], command: str) -> None:

@@ -94,7 +94,9 @@ class Command(BaseCommand):
             )
         )
         shown = [c for c in SHOWN_CLASSES if not options["no_tail"] or c in PRIVATE_CLASSES]
-        schedule = os.path.join(tempfile.gettempdir(), f"wsgateway-demo-beat-{port}")
+        # Beat's schedule file lives as long as this run: a second demo (the tests run one) never shares it.
+        workdir = tempfile.TemporaryDirectory(prefix="wsgateway-demo-")
+        schedule = os.path.join(workdir.name, "beat-schedule")
         processes = {
             "simulator": f"{python} manage.py bybit_simulator --host 127.0.0.1 --port {sim_port} "
             f"--control-port {control_port} --api-key {DEMO_BYBIT_KEY} --api-secret {bybit_secret}",
@@ -109,6 +111,7 @@ class Command(BaseCommand):
         for name, cmd in processes.items():
             manager.add_process(name, cmd, env=env)
         manager.loop()
+        workdir.cleanup()
         sys.exit(manager.returncode)
 
 
