@@ -47,3 +47,10 @@ def test_docs_without_their_slash_redirect(client: Client) -> None:
     response = client.get("/api/docs")
     assert response.status_code == 301
     assert response["Location"] == "/api/docs/"
+
+
+def test_a_long_unknown_path_is_not_echoed_in_full(client: Client) -> None:
+    # 3,000 characters: about what gunicorn's request-line limit (4,094 bytes) lets through.
+    response = client.get("/api/" + "x" * 3_000)
+    assert response.status_code == 404
+    assert len(response.content) < 1_000

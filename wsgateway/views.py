@@ -14,6 +14,7 @@ from rest_framework.parsers import BaseParser
 from rest_framework.request import Request
 
 API_NOT_FOUND = "api-not-found"
+MAX_PATH_SHOWN = 200  # a 404 never echoes a megabyte of path back
 
 
 @require_safe
@@ -52,7 +53,8 @@ def api_not_found_view(request: HttpRequest, rest: str = "") -> HttpResponse:
         hint = f"Did you mean {near}?" + (" API endpoints have no trailing slash." if path.endswith("/") else "")
     else:
         hint = f"The endpoints are listed at {reverse('docs')}."
-    return JsonResponse({"code": "not_found", "detail": f"No API endpoint at {path}. {hint}"}, status=404)
+    shown = path if len(path) <= MAX_PATH_SHOWN else path[:MAX_PATH_SHOWN] + "..."
+    return JsonResponse({"code": "not_found", "detail": f"No API endpoint at {shown}. {hint}"}, status=404)
 
 
 def is_endpoint(path: str) -> bool:
