@@ -12,6 +12,7 @@ help:
 	@echo "make demo   - migrate, then run simulator, gateway, web, worker and beat locally"
 	@echo "make test   - install what is needed and run the whole test suite"
 	@echo "make lint   - ruff"
+	@echo "make .env   - write a local .env with a random DJANGO_SECRET_KEY (if there is none)"
 	@echo "make bench  - benchmarks (simulator, publisher, gateway end to end)"
 
 $(STAMP): requirements/base.txt requirements/dev.txt
@@ -23,20 +24,31 @@ $(STAMP): requirements/base.txt requirements/dev.txt
 
 venv: $(STAMP)
 
+# A local .env (never tracked: .gitignore) so manage.py, celery and flower work without exports.
+# Written once with a random secret; an existing .env is never touched. Needs only bash, so
+# `make .env` also serves a fresh clone before `docker compose up`.
+.env:
+	@umask 077 && { \
+	  echo "# Written by make for this checkout: development values. Never commit it; .env.example lists every variable."; \
+	  echo "DJANGO_SECRET_KEY=$$(LC_ALL=C tr -dc 'A-Za-z0-9' </dev/urandom | head -c 50)"; \
+	  echo "LOG_FORMAT=console"; \
+	} > $@
+	@echo "wrote .env (a random DJANGO_SECRET_KEY and development values)"
+
 # Start PostgreSQL, RabbitMQ and Redis when they do not answer (local machines and CI).
 services:
 	@bash .ci/services.sh
 
-test: venv services
+test: venv services .env
 	$(PY) -m pytest
 
 lint: venv
 	$(VENV)/bin/ruff check .
 
-migrate: venv services
+migrate: venv services .env
 	DJANGO_DEBUG=true $(PY) manage.py migrate --noinput
 
-demo: venv services
+demo: venv services .env
 	DJANGO_DEBUG=true $(PY) manage.py demo
 
 bench: venv services

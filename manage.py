@@ -16,9 +16,9 @@ def main() -> None:
 
         execute_from_command_line(sys.argv)
     except ImproperlyConfigured as exc:
-        # One clear line naming the variable, not a traceback.
+        # One clear line naming the variable, not a traceback; celery and flower say the same (wsgateway/celery.py).
         sys.stderr.write(f"configuration error: {exc}\n")
-        sys.exit(2)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

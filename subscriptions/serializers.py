@@ -23,7 +23,9 @@ class StrictSerializer(serializers.Serializer):
 
 class SubscriptionRequestSerializer(StrictSerializer):
     service_name = serializers.CharField(max_length=MAX_SERVICE_NAME, required=False)
-    channel = serializers.ChoiceField(choices=list(topics.CHANNELS))
+    channel = serializers.ChoiceField(
+        choices=topics.CHANNEL_NAMES, error_messages={"invalid_choice": topics.UNKNOWN_CHANNEL}
+    )
     category = serializers.CharField(max_length=10, required=False, allow_blank=True, default="")
     symbol = serializers.CharField(max_length=MAX_SYMBOL, required=False, allow_blank=True, default="")
     depth = serializers.IntegerField(required=False, allow_null=True, default=None, min_value=1, max_value=10_000)

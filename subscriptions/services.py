@@ -43,7 +43,7 @@ def subscription_create(
         with transaction.atomic():
             subscription = Subscription.objects.create(
                 service_name=service_name,
-                channel=channel,
+                channel=topic.channel,
                 category=topic.category,
                 symbol=topic.symbol,
                 depth=topic.depth,

@@ -63,6 +63,11 @@ EVENT_CLASSES = tuple(c.event_class for c in CHANNELS.values())
 PRIVATE_CLASSES = tuple(c.event_class for c in CHANNELS.values() if c.private)
 MARKET_CLASSES = tuple(c.event_class for c in CHANNELS.values() if not c.private)
 CHANNEL_BY_BYBIT = {c.bybit: c for c in CHANNELS.values()}
+# A channel may also be named by its event class ("trade" for "trades"): queue names, routing
+# keys and `tail_events --class` all say the class, so people type it.
+CHANNEL_ALIASES = {c.event_class: c.name for c in CHANNELS.values() if c.event_class != c.name}
+CHANNEL_NAMES = (*CHANNELS, *CHANNEL_ALIASES)
+UNKNOWN_CHANNEL = "'{input}' is not a valid choice; the channels are " + ", ".join(CHANNELS)
 
 
 class TopicError(ValueError):
@@ -96,9 +101,8 @@ def queue_name(service_name: str, event_class: str) -> str:
 
 def resolve(channel: str, category: str = "", symbol: str = "", depth: int | None = None, interval: str = "") -> Topic:
     """Validate a request against Bybit's rules and derive its topic; raise TopicError."""
-    spec = CHANNELS.get(channel)
-    if spec is None:
-        raise TopicError("channel", f"unknown channel {channel!r}; choose one of {', '.join(CHANNELS)}")
+    spec = channel_named(channel)
+    channel = spec.name
     if spec.private:
         for field, value in (("category", category), ("symbol", symbol), ("depth", depth), ("interval", interval)):
             if value:
@@ -141,6 +145,14 @@ def resolve(channel: str, category: str = "", symbol: str = "", depth: int | Non
     return Topic(
         channel, spec.event_class, category, symbol, depth, interval, ".".join(parts), ".".join(routing), False
     )
+
+
+def channel_named(name: str) -> Channel:
+    """The channel called `name`, or whose event class is `name`; TopicError listing every channel otherwise."""
+    spec = CHANNELS.get(CHANNEL_ALIASES.get(name, name))
+    if spec is None:
+        raise TopicError("channel", UNKNOWN_CHANNEL.format(input=name[:40]))
+    return spec
 
 
 def check_symbol(channel: str, category: str, symbol: str) -> None:

@@ -60,3 +60,19 @@ def test_unknown_bybit_topics_do_not_parse() -> None:
     assert parse_bybit_topic("nosuch.BTCUSDT") is None
     assert parse_bybit_topic("orderbook.x.BTCUSDT") is None
     assert parse_bybit_topic("orderbook.50") is None
+
+
+def test_the_event_class_names_its_channel() -> None:
+    topic = resolve("trade", "linear", "BTCUSDT")
+    assert (topic.channel, topic.bybit_topic, topic.routing_key) == (
+        "trades",
+        "publicTrade.BTCUSDT",
+        "trade.linear.BTCUSDT",
+    )
+
+
+def test_an_unknown_channel_is_refused_with_every_channel_named() -> None:
+    with pytest.raises(TopicError) as refused:
+        resolve("tickers", "linear", "BTCUSDT")
+    assert refused.value.field == "channel"
+    assert "trades, ticker, orderbook, kline, liquidation, order, execution, position, balance" in refused.value.message

@@ -93,7 +93,9 @@ DEBUG = env_bool("DJANGO_DEBUG", False)
 SECRET_KEY = env.str("DJANGO_SECRET_KEY", default="")
 if not SECRET_KEY:
     if not DEBUG:
-        raise ImproperlyConfigured("DJANGO_SECRET_KEY is not set (required unless DJANGO_DEBUG=true)")
+        raise ImproperlyConfigured(
+            "DJANGO_SECRET_KEY is not set (required unless DJANGO_DEBUG=true; `make .env` writes one for development)"
+        )
     SECRET_KEY = "insecure-development-only-key"
 ALLOWED_HOSTS = env.list("DJANGO_ALLOWED_HOSTS", default=["localhost", "127.0.0.1"])
 CSRF_TRUSTED_ORIGINS = env.list("DJANGO_CSRF_TRUSTED_ORIGINS", default=[])
@@ -109,6 +111,7 @@ INSTALLED_APPS = [
     "django_filters",
     "drf_spectacular",
     "axes",
+    "drf_spectacular_sidecar",
     "subscriptions",
     "streaming",
 ]
@@ -136,7 +139,7 @@ ASGI_APPLICATION = "wsgateway.asgi.application"
 TEMPLATES = [
     {
         "BACKEND": "django.template.backends.django.DjangoTemplates",
-        "DIRS": [],
+        "DIRS": [BASE_DIR / "wsgateway" / "templates"],
         "APP_DIRS": True,
         "OPTIONS": {
             "context_processors": [
@@ -168,7 +171,9 @@ STORAGES = {
     # Without a manifest, so a checkout that never ran collectstatic (tests, make demo) still works.
     "staticfiles": {"BACKEND": "whitenoise.storage.CompressedStaticFilesStorage"},
 }
-WHITENOISE_USE_FINDERS = DEBUG
+# A checkout that never ran collectstatic (make demo, a local gunicorn) still serves the admin's
+# and the API docs' assets; the Docker image collects them at build time.
+WHITENOISE_USE_FINDERS = DEBUG or not STATIC_ROOT.is_dir()
 
 # Services
 RABBITMQ_URL = env_url("RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672//", ("amqp", "amqps"))
@@ -384,6 +389,10 @@ REST_FRAMEWORK = {
     "PAGE_SIZE": 50,
     "DEFAULT_FILTER_BACKENDS": ["django_filters.rest_framework.DjangoFilterBackend"],
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    # Bodies are JSON only: a body sent as a form (curl -d without a Content-Type) is a 415 saying so.
+    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
+    "DEFAULT_CONTENT_NEGOTIATION_CLASS": "wsgateway.views.JsonBodyNegotiation",
+    "TEST_REQUEST_DEFAULT_FORMAT": "json",
     "EXCEPTION_HANDLER": "subscriptions.views.exception_handler",
 }
 SPECTACULAR_SETTINGS = {
@@ -391,6 +400,11 @@ SPECTACULAR_SETTINGS = {
     "DESCRIPTION": "Subscriptions to Bybit V5 streams, delivered through RabbitMQ.",
     "VERSION": "1.0.0",
     "SERVE_INCLUDE_SCHEMA": False,
+    # Swagger UI and Redoc from drf-spectacular-sidecar (pinned in requirements/base.txt), served
+    # by the project: the docs work offline and never load a script from a CDN.
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
 }
 
 from wsgateway.logging import configure_logging  # noqa: E402

@@ -1,15 +1,19 @@
-"""Top-level routes: API, schema and docs, admin, health, metrics."""
+"""Top-level routes: index, API, schema and docs, admin, health, metrics."""
 
 from __future__ import annotations
 
 from django.contrib import admin
-from django.urls import include, path
-from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
+from django.urls import include, path, re_path
+from drf_spectacular.views import SpectacularAPIView, SpectacularRedocView, SpectacularSwaggerView
 
 from streaming.monitoring.metrics import metrics_view
-from wsgateway import health
+from wsgateway import health, views
+
+# The admin's "View site" opens the API docs, the page an operator there most likely wants.
+admin.site.site_url = "/api/docs/"
 
 urlpatterns = [
+    path("", views.index_view, name="index"),
     path("health", health.health_view, name="health"),
     path("metrics", metrics_view, name="metrics"),
     path("admin/", admin.site.urls),
@@ -17,4 +21,7 @@ urlpatterns = [
     path("api/v1/", include("streaming.urls")),
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="docs"),
+    path("api/redoc/", SpectacularRedocView.as_view(url_name="schema", template_name="api/redoc.html"), name="redoc"),
+    # Last: any other path under /api/ answers a JSON 404 (even with DEBUG on), never Django's HTML page.
+    re_path(r"^api/(?P<rest>.*)$", views.api_not_found_view, name=views.API_NOT_FOUND),
 ]

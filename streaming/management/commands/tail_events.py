@@ -11,7 +11,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from streaming.publisher import connect
 from subscriptions.models import Subscription
-from subscriptions.topics import EVENT_CLASSES, EXCHANGE, PRIVATE_CLASSES
+from subscriptions.topics import CHANNEL_NAMES, EVENT_CLASSES, EXCHANGE, PRIVATE_CLASSES, channel_named
 
 PREVIEW_CHARS = 160
 
@@ -24,7 +24,13 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--service", required=True, help="service name whose subscriptions to follow")
-        parser.add_argument("--class", dest="event_class", choices=EVENT_CLASSES, help="only this event class")
+        parser.add_argument(
+            "--class",
+            dest="event_class",
+            choices=sorted({*EVENT_CLASSES, *CHANNEL_NAMES}),
+            type=lambda name: channel_named(name).event_class if name in CHANNEL_NAMES else name,
+            help="only this event class (or channel: trades is trade)",
+        )
         parser.add_argument("--count", type=int, default=0, help="stop after this many events (0: run until Ctrl-C)")
         parser.add_argument("--timeout", type=float, default=0, help="stop after this many idle seconds (0: never)")
         parser.add_argument("--json", action="store_true", help="print whole envelopes as JSON lines")
@@ -65,10 +71,15 @@ class Command(BaseCommand):
         if as_json:
             self.stdout.write(message.body.decode() if isinstance(message.body, bytes) else message.body)
             return
-        event = orjson.loads(message.body)
-        data = orjson.dumps(event.get("data")).decode()
-        preview = data if len(data) <= PREVIEW_CHARS else data[:PREVIEW_CHARS] + "..."
-        self.stdout.write(
-            f"{event.get('received_ts')} {message.delivery_info['routing_key']} {event.get('type')} "
-            f"u={event.get('u')} seq={event.get('seq')} id={event.get('id')} {preview}"
-        )
+        self.stdout.write(describe(message))
+
+
+def describe(message: amqp.Message) -> str:
+    """One line per event: when, routing key, type, sequence fields, id and the start of its data."""
+    event = orjson.loads(message.body)
+    data = orjson.dumps(event.get("data")).decode()
+    preview = data if len(data) <= PREVIEW_CHARS else data[:PREVIEW_CHARS] + "..."
+    return (
+        f"{event.get('received_ts')} {message.delivery_info['routing_key']} {event.get('type')} "
+        f"u={event.get('u')} seq={event.get('seq')} id={event.get('id')} {preview}"
+    )
