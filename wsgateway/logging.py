@@ -18,13 +18,14 @@ REDACTED = "[redacted]"
 # Keys whose values never reach a log line, matched case-insensitively anywhere in the key.
 SECRET_KEY_PATTERN = re.compile(r"(api[_-]?key|secret|signature|password|passwd|token|authorization|sign)", re.I)
 # Values that look like credentials embedded in URLs (amqp://user:pass@host).
-URL_PASSWORD_PATTERN = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://[^:/@\s]+:)[^@\s]+@", re.I)
+# Bounded repeats: a long path or body in a log value costs linear time, not quadratic.
+URL_PASSWORD_PATTERN = re.compile(r"(?P<scheme>\b[a-z][a-z0-9+.-]{0,30}://[^:/@\s]{1,256}:)[^@\s]{1,512}@", re.I)
 TRACE_ID_PATTERN = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
 def redact_value(value: Any) -> Any:
     if isinstance(value, str):
-        return URL_PASSWORD_PATTERN.sub(rf"\g<scheme>{REDACTED}@", value)
+        return URL_PASSWORD_PATTERN.sub(rf"\g<scheme>{REDACTED}@", value) if "://" in value else value
     if isinstance(value, dict):
         return {k: REDACTED if SECRET_KEY_PATTERN.search(str(k)) else redact_value(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
