@@ -25,7 +25,7 @@ from streaming.bybit import PUBLIC_CATEGORIES, BybitSocket, SocketConfig, endpoi
 from streaming.bybitrest import BybitRest
 from streaming.circuit import CircuitBreaker, ConnectionBudget
 from streaming.envelope import ControlReply, DataFrame, Envelopes, Malformed
-from streaming.lock import OwnerLock
+from streaming.lock import Lease, OwnerLock
 from streaming.lvc import LastValueCache
 from streaming.marketstate import MarketState
 from streaming.publisher import Handoff, Publisher
@@ -176,8 +176,7 @@ class Gateway:
         self.stop_event = asyncio.Event()
         self.loop: asyncio.AbstractEventLoop | None = None
         self.nudges: NudgeListener | None = None
-        self.publishing: asyncio.Task[None] | None = None
-        self.serve_until: float | None = None  # monotonic: publish nothing after it (the lease is ending)
+        self.lease = Lease(self)
         self.state = "starting"
         self.exit_code = 0
         self.started_at = time.time()
@@ -274,40 +273,6 @@ class Gateway:
     def private_socket(self) -> BybitSocket | None:
         return next((s for s in self.sockets.values() if s.category == PRIVATE), None)
 
-    def new_epoch(self, epoch: int) -> None:
-        """Events read from now on carry this lease's fencing epoch."""
-        self.envelopes.epoch = epoch
-
-    async def hold_lock(self) -> None:
-        """Keep the lease; when it is lost or fenced, stop, and publish nothing once a standby may own it."""
-        outcome = await self.lock.hold(self.stop_event, self.new_epoch)
-        if outcome == "stopped":
-            return
-        # Lost: another instance owns the lock already. Fenced: it may, from the TTL's end on.
-        self.serve_until = time.monotonic() if outcome == "lost" else self.lock.serve_until
-        assert self.loop is not None
-        self.loop.call_later(max(0.0, self.serve_until - time.monotonic()), self.stop_publishing)
-        self.exit_code = 3
-        self.stop_event.set()
-
-    def stop_publishing(self) -> None:
-        """End the publisher at once, whatever is unconfirmed: shutdown reports what was left."""
-        if self.publishing is not None and not self.publishing.done():
-            self.publishing.cancel()
-            self.publisher.close()
-            log.warning(
-                "gateway.publishing_stopped", in_flight=self.publisher.in_flight, handoff_depth=len(self.handoff)
-            )
-
-    async def hand_over(self) -> None:
-        """Write the last status record and the watermark, then release the lock for the standby."""
-        try:
-            await self.status_writer.write(self.status())
-            await self.recovery.save(self.redis)
-            await self.lock.release()
-        except (aioredis.RedisError, OSError) as exc:
-            log.warning("gateway.handover_failed", error=f"{type(exc).__name__}: {exc}"[:200])
-
     async def run(self) -> int:
         """Serve until `stop_event` is set; return the process exit code."""
         self.loop = asyncio.get_running_loop()
@@ -315,11 +280,11 @@ class Gateway:
         if not await self.lock.wait(self.stop_event):
             await self.redis.aclose()
             return 0
-        self.new_epoch(self.lock.epoch)
+        self.envelopes.epoch = self.lock.epoch
         await self.recovery.load(self.redis)
         self.state = "running"
         publisher_stop = asyncio.Event()
-        self.publishing = publishing = self.start(self.publisher.run(publisher_stop), "publisher")
+        self.lease.publishing = publishing = self.start(self.publisher.run(publisher_stop), "publisher")
         self.nudges = NudgeListener(self.config.rabbitmq_url, self.nudge)
         self.nudges.thread.start()
         log.info(
@@ -332,7 +297,7 @@ class Gateway:
         loops = [
             self.start(self.reconciler.run(stop), "reconcile"),
             self.start(self.status_writer.run(self, stop), "status"),
-            self.start(self.hold_lock(), "lock"),
+            self.start(self.lease.keep(), "lock"),
             self.start(self.recovery.run(stop), "recovery"),
             self.start(self.recovery.keep_watermark(self.redis, stop, self.config.status_interval), "watermark"),
         ]
@@ -357,11 +322,11 @@ class Gateway:
         await asyncio.gather(*loops, return_exceptions=True)
         await asyncio.gather(*(self.close_socket(name) for name in list(self.sockets)), return_exceptions=True)
         budget = max(0.5, deadline - time.monotonic() - 0.5)
-        if self.serve_until is not None:
-            budget = self.serve_until - time.monotonic()
+        if self.lease.serve_until is not None:
+            budget = self.lease.serve_until - time.monotonic()
         flushed = await self.publisher.flush(min(budget, self.config.handover_flush))
         if not flushed and self.exit_code != 3:
-            await self.hand_over()  # a slow broker: the successor back-fills what we are still confirming
+            await self.lease.hand_over()  # a slow broker: the successor back-fills what we are still confirming
             flushed = await self.publisher.flush(max(0.0, deadline - time.monotonic() - 0.5))
         publisher_stop.set()
         self.publisher.close()
@@ -373,7 +338,7 @@ class Gateway:
         await self.reconciler.finish(max(0.1, deadline - time.monotonic() - 0.3))
         self.state = "stopped"
         if not self.lock.released and self.exit_code != 3:  # else the lock and the status record are the next owner's
-            await self.hand_over()
+            await self.lease.hand_over()
         await self.redis.aclose()
         await self.recovery.close()
         self.reconciler.close()

@@ -21,12 +21,15 @@ import os
 import socket
 import time
 from collections.abc import Callable
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import redis.asyncio as redis
 import structlog
 
 from wsgateway.logging import LogThrottle
+
+if TYPE_CHECKING:
+    from streaming.gateway import Gateway
 
 log = structlog.get_logger(__name__)
 
@@ -164,3 +167,46 @@ async def wait_or_timeout(event: asyncio.Event, seconds: float) -> None:
         await asyncio.wait_for(event.wait(), seconds)
     except TimeoutError:
         pass
+
+
+class Lease:
+    """The gateway's side of ownership: keep the lock, stop publishing when it is lost, hand over."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+        self.publishing: asyncio.Task[None] | None = None  # the publisher's task, ended when the lease ends
+        self.serve_until: float | None = None  # monotonic: publish nothing after it (the lease is ending)
+
+    def new_epoch(self, epoch: int) -> None:
+        """Events read from now on carry this lease's fencing epoch."""
+        self.gateway.envelopes.epoch = epoch
+
+    async def keep(self) -> None:
+        """Keep the lease; when it is lost or fenced, stop, and publish nothing once a standby may own it."""
+        gw = self.gateway
+        outcome = await gw.lock.hold(gw.stop_event, self.new_epoch)
+        if outcome == "stopped":
+            return
+        # Lost: another instance owns the lock already. Fenced: it may, from the TTL's end on.
+        self.serve_until = time.monotonic() if outcome == "lost" else gw.lock.serve_until
+        asyncio.get_running_loop().call_later(max(0.0, self.serve_until - time.monotonic()), self.stop_publishing)
+        gw.exit_code = 3
+        gw.stop_event.set()
+
+    def stop_publishing(self) -> None:
+        """End the publisher at once, whatever is unconfirmed: shutdown reports what was left."""
+        gw = self.gateway
+        if self.publishing is not None and not self.publishing.done():
+            self.publishing.cancel()
+            gw.publisher.close()
+            log.warning("gateway.publishing_stopped", in_flight=gw.publisher.in_flight, handoff_depth=len(gw.handoff))
+
+    async def hand_over(self) -> None:
+        """Write the last status record and the watermark, then release the lock for the standby."""
+        gw = self.gateway
+        try:
+            await gw.status_writer.write(gw.status())
+            await gw.recovery.save(gw.redis)
+            await gw.lock.release()
+        except (redis.RedisError, OSError) as exc:
+            log.warning("gateway.handover_failed", error=f"{type(exc).__name__}: {exc}"[:200])
