@@ -18,11 +18,20 @@ from rest_framework.views import APIView
 
 from streaming.lvc import book_key, ticker_key
 from streaming.models import AccountBalance, QueueSample
-from streaming.monitoring.readings import latest_samples
+from streaming.monitoring.readings import latest_samples, parse_queue_name
 from subscriptions.authentication import Caller
-from subscriptions.topics import CATEGORIES, ORDERBOOK_DEPTHS, SYMBOL_PATTERN
+from subscriptions.pagination import query_int
+from subscriptions.topics import (
+    CATEGORIES,
+    OPTION_SYMBOL_PATTERN,
+    ORDERBOOK_DEPTHS,
+    SERVICE_NAME_PATTERN,
+    SYMBOL_PATTERN,
+)
 
 CACHE_TIMEOUT = 2.0
+MAX_BOOK_DEPTH = 1000
+MAX_SAMPLES = 1000
 
 
 def cached(key: tuple[str, str]) -> dict[str, Any] | None:
@@ -39,7 +48,7 @@ def cached(key: tuple[str, str]) -> dict[str, Any] | None:
 def check_market(category: str, symbol: str) -> None:
     if category not in CATEGORIES:
         raise exceptions.ValidationError({"category": [f"use one of {', '.join(CATEGORIES)}"]})
-    if len(symbol) > 40 or not (SYMBOL_PATTERN.match(symbol) or "-" in symbol):
+    if not (SYMBOL_PATTERN.fullmatch(symbol) or OPTION_SYMBOL_PATTERN.fullmatch(symbol)):
         raise exceptions.ValidationError({"symbol": ["not a Bybit symbol"]})
 
 
@@ -57,14 +66,11 @@ class OrderBookView(APIView):
     @extend_schema(parameters=[OpenApiParameter("depth", int, description="levels per side to return")])
     def get(self, request: Request, category: str, symbol: str) -> Response:
         check_market(category, symbol)
-        depth = request.query_params.get("depth")
-        if depth is not None and (not depth.isdigit() or not 1 <= int(depth) <= 1000):
-            raise exceptions.ValidationError({"depth": ["a whole number from 1 to 1000"]})
+        depth = query_int(request, "depth", MAX_BOOK_DEPTH, 1, MAX_BOOK_DEPTH)
         for offered in sorted(ORDERBOOK_DEPTHS[category], reverse=True):
             book = cached(book_key(settings.REDIS_KEY_PREFIX, category, symbol, offered))
             if book is not None:
-                if depth is not None:
-                    book["b"], book["a"] = book["b"][: int(depth)], book["a"][: int(depth)]
+                book["b"], book["a"] = book["b"][:depth], book["a"][:depth]
                 return Response({"category": category, "symbol": symbol, **with_age(book)})
         raise exceptions.NotFound(f"No cached order book for {category} {symbol}: is a service subscribed to it?")
 
@@ -137,10 +143,11 @@ class QueueDetailView(APIView):
         parameters=[OpenApiParameter("samples", int, description="how many recent samples (1-1000, default 60)")]
     )
     def get(self, request: Request, name: str) -> Response:
-        count = request.query_params.get("samples", "60")
-        if not count.isdigit() or not 1 <= int(count) <= 1000:
-            raise exceptions.ValidationError({"samples": ["a whole number from 1 to 1000"]})
-        rows = own_samples(request, QueueSample.objects.filter(queue=name)).order_by("-taken_at")[: int(count)]
+        parsed = parse_queue_name(name)
+        if parsed is None or not SERVICE_NAME_PATTERN.fullmatch(parsed[0]):
+            raise exceptions.ValidationError({"name": ["not a ws-gateway queue: ws-gateway.<service>.<class>"]})
+        count = query_int(request, "samples", 60, 1, MAX_SAMPLES)
+        rows = own_samples(request, QueueSample.objects.filter(queue=name)).order_by("-taken_at")[:count]
         samples = QueueSampleSerializer(rows, many=True).data
         if not samples:
             raise exceptions.NotFound(f"No samples for queue {name!r} of your service yet.")

@@ -155,7 +155,7 @@ def check_symbol(channel: str, category: str, symbol: str) -> None:
 
 
 def check_service_name(name: str) -> None:
-    if not SERVICE_NAME_PATTERN.match(name):
+    if not SERVICE_NAME_PATTERN.fullmatch(name):
         raise TopicError(
             "service_name",
             "service names are 1-63 characters of a-z, 0-9, '-' and '_', starting with a letter or digit",
