@@ -9,6 +9,15 @@ from rest_framework import serializers
 from subscriptions import topics
 from subscriptions.models import MAX_SERVICE_NAME, MAX_SYMBOL, Subscription
 
+# An error names at most this many unknown fields, each cut to this many characters, so its size
+# never grows with the body's (a 1 MB field name would otherwise come back in full).
+MAX_UNKNOWN_LISTED = 10
+MAX_UNKNOWN_NAME = 40
+
+
+def shown_name(name: str) -> str:
+    return name if len(name) <= MAX_UNKNOWN_NAME else name[:MAX_UNKNOWN_NAME] + "…"
+
 
 class StrictSerializer(serializers.Serializer):
     """Refuses fields it does not know, so a typo never passes silently."""
@@ -17,7 +26,11 @@ class StrictSerializer(serializers.Serializer):
         if isinstance(data, dict):
             unknown = sorted(set(data) - set(self.fields))
             if unknown:
-                raise serializers.ValidationError({name: ["Unknown field."] for name in unknown})
+                errors = {shown_name(name): ["Unknown field."] for name in unknown[:MAX_UNKNOWN_LISTED]}
+                if len(unknown) > MAX_UNKNOWN_LISTED:
+                    shown = f"{len(unknown)} unknown fields; the first {MAX_UNKNOWN_LISTED} shown."
+                    errors["non_field_errors"] = [shown]
+                raise serializers.ValidationError(errors)
         return super().to_internal_value(data)
 
 

@@ -6,8 +6,12 @@ from typing import Any
 
 import django_filters
 import structlog
+from django.conf import settings
+from django.core.exceptions import RequestDataTooBig, SuspiciousOperation
 from django.db.models import QuerySet
-from django.http import Http404
+from django.http import Http404, HttpRequest, HttpResponse, HttpResponsePermanentRedirect, JsonResponse
+from django.urls import Resolver404, resolve
+from django.views.decorators.csrf import csrf_exempt
 from drf_spectacular.utils import extend_schema
 from rest_framework import exceptions, mixins, status
 from rest_framework.decorators import action
@@ -38,6 +42,16 @@ CODES = {
 
 def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | None:
     """Every API error as `{"code", "detail", "fields"?}`; unexpected errors as a 500 of that shape."""
+    if isinstance(exc, RequestDataTooBig):
+        detail = f"The body is larger than {settings.DATA_UPLOAD_MAX_MEMORY_SIZE} bytes."
+        return Response({"code": "request_too_large", "detail": detail}, status=413)
+    if isinstance(exc, SuspiciousOperation):
+        # Django's own limits on a request (DATA_UPLOAD_MAX_NUMBER_FIELDS, ...): a 400, as Django answers.
+        return Response({"code": "malformed_request", "detail": str(exc)[:200]}, status=400)
+    if isinstance(exc, RecursionError):
+        # Only input nested past Python's recursion limit gets here (the JSON parser, or a serializer
+        # turning such a value into a string): none of this code recurses on its own.
+        return Response({"code": "malformed_request", "detail": "The body is nested too deeply."}, status=400)
     response = drf_exception_handler(exc, context)
     if response is None:
         log.exception("api.unhandled_error", error=type(exc).__name__)
@@ -56,6 +70,21 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | Non
             code = codes
         response.data = {"code": code, "detail": str(detail)}
     return response
+
+
+@csrf_exempt
+def api_not_found(request: HttpRequest) -> HttpResponse:
+    """A JSON 404 for every /api/ path no route took; GET of a path missing only its final slash redirects."""
+    if request.method in ("GET", "HEAD") and not request.path_info.endswith("/"):
+        # The catch-all route that leads here turns off CommonMiddleware's APPEND_SLASH for /api/.
+        try:
+            match = resolve(request.path_info + "/")
+        except Resolver404:
+            match = None
+        if match is not None and match.func is not api_not_found:
+            return HttpResponsePermanentRedirect(request.get_full_path(force_append_slash=True))
+    detail = "No API endpoint at this path; the endpoints are listed in /api/schema/ and /api/docs/."
+    return JsonResponse({"code": "not_found", "detail": detail}, status=404)
 
 
 class SubscriptionFilter(django_filters.FilterSet):
@@ -115,6 +144,8 @@ class SubscriptionViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, Gene
     @action(detail=False, methods=["delete"], url_path=r"by-service/(?P<service_name>[^/]+)")
     def cancel_by_service(self, request: Request, service_name: str) -> Response:
         """Cancel every subscription of a service; returns how many were cancelled."""
+        if not topics.SERVICE_NAME_PATTERN.fullmatch(service_name):
+            raise exceptions.ValidationError({"service_name": ["not a service name: 1-63 of a-z, 0-9, '-', '_'"]})
         service_name = self.service_for(service_name)
         count = services.subscriptions_cancel_for_service(service_name=service_name)
         return Response({"service_name": service_name, "cancelled": count})
