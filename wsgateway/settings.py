@@ -335,7 +335,7 @@ REST_FRAMEWORK = {
         "subscriptions.authentication.StaffSessionAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
-    "DEFAULT_PAGINATION_CLASS": "subscriptions.pagination.Pagination",
+    "DEFAULT_PAGINATION_CLASS": "subscriptions.queryparams.Pagination",
     "PAGE_SIZE": 50,
     "DEFAULT_FILTER_BACKENDS": ["django_filters.rest_framework.DjangoFilterBackend"],
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
@@ -346,6 +346,12 @@ SPECTACULAR_SETTINGS = {
     "DESCRIPTION": "Subscriptions to Bybit V5 streams, delivered through RabbitMQ.",
     "VERSION": "1.0.0",
     "SERVE_INCLUDE_SCHEMA": False,
+    # The contract: JSON bodies and the X-API-Key header. The form parsers and the staff session
+    # serve the browsable API only. Enums stay inline, where each field or parameter states them.
+    "PARSER_WHITELIST": ["rest_framework.parsers.JSONParser"],
+    "AUTHENTICATION_WHITELIST": ["subscriptions.authentication.ApiKeyAuthentication"],
+    "POSTPROCESSING_HOOKS": ["subscriptions.views.document_errors"],
+    "ENUM_GENERATE_CHOICE_DESCRIPTION": False,
 }
 
 from wsgateway.logging import configure_logging  # noqa: E402

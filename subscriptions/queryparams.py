@@ -1,9 +1,17 @@
-"""Numbers in query strings, read strictly, and the limit/offset pagination of every list built on them."""
+"""Query parameters read strictly: whole numbers in range, filters that refuse what they cannot match,
+and the limit/offset pagination of every list. A value out of range is a 400 naming it, never replaced."""
 
 from __future__ import annotations
 
+import re
+from collections.abc import Sequence
 from typing import Any
 
+import django_filters
+from django import forms
+from django.core.validators import RegexValidator
+from django_filters import fields as filter_fields
+from drf_spectacular.utils import extend_schema_field
 from rest_framework import exceptions, pagination
 from rest_framework.request import Request
 
@@ -22,6 +30,42 @@ def query_int(request: Request, name: str, default: int, minimum: int, maximum: 
     if raw.isascii() and raw.isdigit() and len(raw) <= 20 and minimum <= int(raw) <= maximum:
         return int(raw)
     raise exceptions.ValidationError({name: [f"a whole number from {minimum} to {maximum}"]})
+
+
+class NonEmpty:
+    """For filter fields: a parameter given needs a value (`?status=` is a 400, not read as "any")."""
+
+    def clean(self, value: Any) -> Any:
+        if value == "":
+            raise forms.ValidationError("give a value, or leave the parameter out")
+        return super().clean(value)  # type: ignore[misc]
+
+
+class NonEmptyChoiceField(NonEmpty, filter_fields.ChoiceField):
+    pass
+
+
+class NonEmptyCharField(NonEmpty, forms.CharField):
+    pass
+
+
+class ChoiceFilter(django_filters.ChoiceFilter):
+    """An exact-match filter on one of a few values, documented as an enum."""
+
+    field_class = NonEmptyChoiceField
+
+    def __init__(self, choices: Sequence[str], description: str = "") -> None:
+        super().__init__(choices=[(c, c) for c in choices], help_text=description)
+
+
+class PatternFilter(django_filters.CharFilter):
+    field_class = NonEmptyCharField
+
+
+def pattern_filter(pattern: re.Pattern[str], description: str) -> PatternFilter:
+    """An exact-match filter whose value must match `pattern` (a 400 otherwise), documented with it."""
+    schema = {"type": "string", "pattern": pattern.pattern, "description": description}
+    return extend_schema_field(schema)(PatternFilter(validators=[RegexValidator(pattern)], help_text=description))
 
 
 class Pagination(pagination.LimitOffsetPagination):
