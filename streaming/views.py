@@ -89,16 +89,21 @@ CACHE_AGE_FIELDS = {
     "age_ms": serializers.FloatField(allow_null=True, help_text="now - exchange_ts"),
     "cache_age_ms": serializers.FloatField(help_text="now - written_at"),
 }
-LEVELS = serializers.ListField(
-    child=serializers.ListField(child=serializers.CharField(), min_length=2, max_length=2),
-    help_text="[price, size] as Bybit writes them",
-)
+
+
+def levels(side: str) -> serializers.ListField:
+    return serializers.ListField(
+        child=serializers.ListField(child=serializers.CharField(), min_length=2, max_length=2),
+        help_text=f"{side}: [price, size] as Bybit writes them, best first",
+    )
+
+
 ORDER_BOOK = inline_serializer(
     "OrderBook",
     {
         **CACHE_AGE_FIELDS,
-        "b": LEVELS,
-        "a": LEVELS,
+        "b": levels("bids"),
+        "a": levels("asks"),
         "u": serializers.IntegerField(allow_null=True, help_text="Bybit's update id"),
         "seq": serializers.IntegerField(allow_null=True, help_text="Bybit's cross sequence"),
         "consistent": serializers.BooleanField(help_text="false while a gap waits for a fresh snapshot"),
