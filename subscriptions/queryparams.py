@@ -1,5 +1,4 @@
-"""Query parameters read strictly: whole numbers in range, filters that refuse what they cannot match,
-and the limit/offset pagination of every list. A value out of range is a 400 naming it, never replaced."""
+"""Query parameters read strictly (numbers, filters, limit/offset): a bad value is a 400 naming it, never replaced."""
 
 from __future__ import annotations
 
