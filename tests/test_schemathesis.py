@@ -27,7 +27,7 @@ from subscriptions.services import api_key_issue, subscription_create
 pytestmark = pytest.mark.django_db(transaction=True)
 
 SCHEMATHESIS = Path(sys.executable).with_name("schemathesis")
-MAX_TIME = 25  # seconds per run
+MAX_TIME = 22  # seconds per run
 SERVICE = "demo"  # the service the schema's examples name (ws-gateway.demo.trade)
 
 CONFIG = """
