@@ -32,6 +32,8 @@ OPTION_SYMBOL_PATTERN = re.compile(r"^[A-Z0-9]{2,10}-[0-9]{1,2}[A-Z]{3}[0-9]{2}-
 # Options publish trades per base coin (publicTrade.BTC).
 BASE_COIN_PATTERN = re.compile(r"^[A-Z0-9]{2,6}$")
 SERVICE_NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+# Any symbol of any category (paths and filters, where the category is not known first).
+ANY_SYMBOL_PATTERN = re.compile(f"^(?:{SYMBOL_PATTERN.pattern[1:-1]}|{OPTION_SYMBOL_PATTERN.pattern[1:-1]})$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,7 +169,7 @@ def check_symbol(channel: str, category: str, symbol: str) -> None:
 
 
 def check_service_name(name: str) -> None:
-    if not SERVICE_NAME_PATTERN.match(name):
+    if not SERVICE_NAME_PATTERN.fullmatch(name):
         raise TopicError(
             "service_name",
             "service names are 1-63 characters of a-z, 0-9, '-' and '_', starting with a letter or digit",

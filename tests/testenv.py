@@ -10,6 +10,8 @@ import os
 
 os.environ.setdefault("DJANGO_SECRET_KEY", "test-only-secret-key-not-for-production")
 os.environ.setdefault("DJANGO_DEBUG", "false")
+# The test client speaks plain HTTP; production's HTTPS redirect would answer every request with a 301.
+os.environ.setdefault("DJANGO_HTTPS", "false")
 os.environ.setdefault("LOG_FORMAT", "console")
 os.environ.setdefault("LOG_LEVEL", "INFO")
 os.environ.setdefault("BYBIT_ENVIRONMENT", "simulator")

@@ -6,6 +6,7 @@ variable (ImproperlyConfigured); secrets have no production-valid default and ar
 
 from __future__ import annotations
 
+import re
 import ssl
 from datetime import timedelta
 from pathlib import Path
@@ -99,6 +100,28 @@ if not SECRET_KEY:
     SECRET_KEY = "insecure-development-only-key"
 ALLOWED_HOSTS = env.list("DJANGO_ALLOWED_HOSTS", default=["localhost", "127.0.0.1"])
 CSRF_TRUSTED_ORIGINS = env.list("DJANGO_CSRF_TRUSTED_ORIGINS", default=[])
+
+# HTTPS. Outside DEBUG the web process assumes it is served over HTTPS: plain HTTP is redirected
+# (except /health and /metrics, which probes and scrapers call inside the network), browsers are
+# told to keep to HTTPS (HSTS) and cookies travel over HTTPS only. DJANGO_HTTPS=false turns it all
+# off, for plain HTTP on a trusted network; empty or unset means the default.
+HTTPS = env_bool("DJANGO_HTTPS", not DEBUG) if env.str("DJANGO_HTTPS", default="").strip() else not DEBUG
+SECURE_SSL_REDIRECT = HTTPS
+SECURE_REDIRECT_EXEMPT = [r"^health$", r"^metrics$"]
+SECURE_HSTS_SECONDS = env_int("DJANGO_SECURE_HSTS_SECONDS", 31_536_000) if HTTPS else 0
+SECURE_HSTS_INCLUDE_SUBDOMAINS = HTTPS
+SECURE_HSTS_PRELOAD = HTTPS
+SESSION_COOKIE_SECURE = HTTPS
+CSRF_COOKIE_SECURE = HTTPS
+# Behind a proxy that terminates TLS, the header it sets to "https" (e.g. X-Forwarded-Proto); without
+# it every request looks like plain HTTP and is redirected forever. Set it only if the proxy always
+# overwrites that header: a client could send it too.
+SECURE_PROXY_SSL_HEADER: tuple[str, str] | None = None
+_proxy_header = env.str("DJANGO_SECURE_PROXY_SSL_HEADER", default="").strip()
+if _proxy_header:
+    if not re.fullmatch(r"[A-Za-z0-9-]+", _proxy_header):
+        raise ImproperlyConfigured(f"DJANGO_SECURE_PROXY_SSL_HEADER={_proxy_header!r} is not a header name")
+    SECURE_PROXY_SSL_HEADER = ("HTTP_" + _proxy_header.upper().replace("-", "_"), "https")
 
 INSTALLED_APPS = [
     "django.contrib.admin",
@@ -385,7 +408,7 @@ REST_FRAMEWORK = {
         "subscriptions.authentication.StaffSessionAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
-    "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.LimitOffsetPagination",
+    "DEFAULT_PAGINATION_CLASS": "subscriptions.queryparams.Pagination",
     "PAGE_SIZE": 50,
     "DEFAULT_FILTER_BACKENDS": ["django_filters.rest_framework.DjangoFilterBackend"],
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
@@ -405,6 +428,12 @@ SPECTACULAR_SETTINGS = {
     "SWAGGER_UI_DIST": "SIDECAR",
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "REDOC_DIST": "SIDECAR",
+    # The contract: JSON bodies and the X-API-Key header. The form parsers and the staff session
+    # serve the browsable API only. Enums stay inline, where each field or parameter states them.
+    "PARSER_WHITELIST": ["rest_framework.parsers.JSONParser"],
+    "AUTHENTICATION_WHITELIST": ["subscriptions.authentication.ApiKeyAuthentication"],
+    "POSTPROCESSING_HOOKS": ["subscriptions.views.document_errors"],
+    "ENUM_GENERATE_CHOICE_DESCRIPTION": False,
 }
 
 from wsgateway.logging import configure_logging  # noqa: E402
