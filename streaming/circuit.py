@@ -120,6 +120,18 @@ class CircuitBreaker:
         }
 
 
+class Breakers(dict[str, CircuitBreaker]):
+    """One breaker per endpoint URL, made on first use: failures of one path never delay another."""
+
+    def __init__(self, failures: int, window: float, cooldown: float) -> None:
+        super().__init__()
+        self.settings = (failures, window, cooldown)
+
+    def __missing__(self, url: str) -> CircuitBreaker:
+        self[url] = breaker = CircuitBreaker(*self.settings, endpoint=url)
+        return breaker
+
+
 def circuits_snapshot(breakers: dict[str, CircuitBreaker]) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
     """(the worst breaker's snapshot, with its endpoint; every breaker's snapshot by endpoint)."""
     circuits = {endpoint: breaker.snapshot() for endpoint, breaker in sorted(breakers.items())}

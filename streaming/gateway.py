@@ -23,13 +23,12 @@ from psycopg.conninfo import make_conninfo
 from streaming.balances import BalanceWriter
 from streaming.bybit import PUBLIC_CATEGORIES, BybitSocket, SocketConfig, endpoints
 from streaming.bybitrest import BybitRest
-from streaming.circuit import CircuitBreaker, ConnectionBudget
+from streaming.circuit import Breakers, ConnectionBudget
 from streaming.envelope import ControlReply, DataFrame, Envelopes, Malformed
 from streaming.lock import Lease, OwnerLock
-from streaming.lvc import LastValueCache
-from streaming.marketstate import MarketState
+from streaming.marketstate import LastValueCache, MarketState
 from streaming.publisher import Handoff, Publisher
-from streaming.reconciler import PRIVATE, NudgeListener, Reconciler
+from streaming.reconciler import PRIVATE, Reconciler
 from streaming.recovery import Recovery
 from streaming.status import Counters, StatusWriter, status_record
 from wsgateway.logging import LogThrottle
@@ -168,14 +167,13 @@ class Gateway:
         rest = BybitRest.from_settings(settings) if config.credentials else None
         self.recovery = Recovery(self, rest, config.backfill_overlap_ms, config.backfill_first_window_ms)
         self.publisher.on_route_lost = self.reconciler.redeclare
-        self.breakers: dict[str, CircuitBreaker] = {}  # by endpoint URL
+        self.breakers = Breakers(config.circuit_failures, config.circuit_window, config.circuit_cooldown)
         self.budget = ConnectionBudget()
         self.sockets: dict[str, BybitSocket] = {}
         self.socket_tasks: dict[str, asyncio.Task[None]] = {}
         self.throttle = LogThrottle()
         self.stop_event = asyncio.Event()
         self.loop: asyncio.AbstractEventLoop | None = None
-        self.nudges: NudgeListener | None = None
         self.lease = Lease(self)
         self.state = "starting"
         self.exit_code = 0
@@ -221,7 +219,7 @@ class Gateway:
             url,
             category,
             self.config.socket,
-            self.breaker_for(url),
+            self.breakers[url],  # the endpoint's own: failures of one path never delay another
             self.budget,
             on_frame=self.on_frame,
             on_ack=self.reconciler.topics_confirmed,
@@ -234,13 +232,6 @@ class Gateway:
         self.socket_tasks[name] = self.start(sock.run(), f"socket-{name}")
         log.info("gateway.socket_opened", socket=name, url=url)
         return sock
-
-    def breaker_for(self, url: str) -> CircuitBreaker:
-        """The endpoint's own breaker: failures of one path never delay connections to another."""
-        if url not in self.breakers:
-            c = self.config
-            self.breakers[url] = CircuitBreaker(c.circuit_failures, c.circuit_window, c.circuit_cooldown, url)
-        return self.breakers[url]
 
     async def close_socket(self, name: str) -> None:
         sock = self.sockets.pop(name)
@@ -285,14 +276,9 @@ class Gateway:
         self.state = "running"
         publisher_stop = asyncio.Event()
         self.lease.publishing = publishing = self.start(self.publisher.run(publisher_stop), "publisher")
-        self.nudges = NudgeListener(self.config.rabbitmq_url, self.nudge)
-        self.nudges.thread.start()
-        log.info(
-            "gateway.started",
-            public=self.config.public_base,
-            private=self.config.private_url if self.config.credentials else None,
-            categories=list(PUBLIC_CATEGORIES),
-        )
+        self.reconciler.listen()
+        private = self.config.private_url if self.config.credentials else None
+        log.info("gateway.started", public=self.config.public_base, private=private, categories=list(PUBLIC_CATEGORIES))
         stop = self.stop_event
         loops = [
             self.start(self.reconciler.run(stop), "reconcile"),
@@ -321,20 +307,11 @@ class Gateway:
         await asyncio.wait(writers, timeout=2)  # they end on stop_event after a last flush
         await asyncio.gather(*loops, return_exceptions=True)
         await asyncio.gather(*(self.close_socket(name) for name in list(self.sockets)), return_exceptions=True)
-        budget = max(0.5, deadline - time.monotonic() - 0.5)
-        if self.lease.serve_until is not None:
-            budget = self.lease.serve_until - time.monotonic()
-        flushed = await self.publisher.flush(min(budget, self.config.handover_flush))
-        if not flushed and self.exit_code != 3:
-            await self.lease.hand_over()  # a slow broker: the successor back-fills what we are still confirming
-            flushed = await self.publisher.flush(max(0.0, deadline - time.monotonic() - 0.5))
+        flushed = await self.lease.flush(deadline)
         publisher_stop.set()
         self.publisher.close()
         await asyncio.wait({publishing}, timeout=0.5)
         publishing.cancel()
-        assert self.nudges is not None
-        self.nudges.stopping.set()
-        await asyncio.to_thread(self.nudges.thread.join, 1.0)
         await self.reconciler.finish(max(0.1, deadline - time.monotonic() - 0.3))
         self.state = "stopped"
         if not self.lock.released and self.exit_code != 3:  # else the lock and the status record are the next owner's

@@ -201,6 +201,23 @@ class Lease:
             gw.publisher.close()
             log.warning("gateway.publishing_stopped", in_flight=gw.publisher.in_flight, handoff_depth=len(gw.handoff))
 
+    async def flush(self, deadline: float) -> bool:
+        """Wait for the publisher's confirms; hand over first if that takes long. Return True when all came back.
+
+        A slow broker must not keep the lock: after `handover_flush` s the lock goes to the
+        standby, which back-fills from the watermark what this owner is still confirming.
+        """
+        gw = self.gateway
+        budget = max(0.5, deadline - time.monotonic() - 0.5)
+        if self.serve_until is not None:
+            budget = self.serve_until - time.monotonic()
+        if await gw.publisher.flush(min(budget, gw.config.handover_flush)):
+            return True
+        if gw.exit_code == 3:  # the lease is lost or fenced: nothing may be published after serve_until
+            return False
+        await self.hand_over()
+        return await gw.publisher.flush(max(0.0, deadline - time.monotonic() - 0.5))
+
     async def hand_over(self) -> None:
         """Write the last status record and the watermark, then release the lock for the standby."""
         gw = self.gateway

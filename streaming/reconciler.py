@@ -340,6 +340,7 @@ class Reconciler:
         self.last_events_flushed = 0.0
         self.private_classes: set[str] = set()  # of the live private subscriptions: what recovery repairs
         self.nudged = asyncio.Event()
+        self.nudges: NudgeListener | None = None
         self.throttle = LogThrottle()
 
     async def once(self) -> None:
@@ -412,8 +413,16 @@ class Reconciler:
             exc = task.exception()
             log.warning("gateway.background_failed", error=f"{type(exc).__name__}: {exc}"[:200])
 
+    def listen(self) -> None:
+        """Start the nudge listener: the API's control messages ask for a reconciliation now."""
+        self.nudges = NudgeListener(self.gateway.config.rabbitmq_url, self.gateway.nudge)
+        self.nudges.thread.start()
+
     async def finish(self, timeout: float) -> None:
-        """Wait (up to `timeout` s) for row writes still running in the background."""
+        """Stop the nudge listener, then wait (up to `timeout` s) for row writes still running in the background."""
+        if self.nudges is not None:
+            self.nudges.stopping.set()
+            await asyncio.to_thread(self.nudges.thread.join, 1.0)
         if self.background:
             await asyncio.wait(self.background, timeout=timeout)
 

@@ -105,7 +105,7 @@ def status_record(gw: Gateway) -> dict[str, Any]:
             "last_error": publisher.last_error,
             "blocked": publisher.blocked,
         },
-        "nudges_connected": bool(gw.nudges and gw.nudges.connected),
+        "nudges_connected": bool(gw.reconciler.nudges and gw.reconciler.nudges.connected),
         "counters": {
             "frames_in": counters.frames_in,
             "events": counters.events_out,

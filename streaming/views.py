@@ -18,7 +18,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from streaming.lvc import book_key, hash_name, ticker_key
+from streaming.marketstate import book_key, hash_name, ticker_key
 from streaming.models import AccountBalance, QueueSample
 from streaming.monitoring.cleanup import QueueInUse, QueueMissing, queue_delete
 from streaming.monitoring.readings import latest_samples, parse_queue_name

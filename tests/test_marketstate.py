@@ -7,8 +7,7 @@ import redis.asyncio as aioredis
 
 from streaming.balances import BalanceWriter
 from streaming.envelope import DataFrame, Envelopes
-from streaming.lvc import LastValueCache, book_key, ticker_key, trade_key
-from streaming.marketstate import MarketState
+from streaming.marketstate import LastValueCache, MarketState, book_key, ticker_key, trade_key
 
 BOOK = "orderbook.50.BTCUSDT"
 

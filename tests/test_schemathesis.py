@@ -20,7 +20,7 @@ import redis
 from django.conf import settings
 from django.utils import timezone
 
-from streaming.lvc import book_key, ticker_key
+from streaming.marketstate import book_key, ticker_key
 from streaming.models import AccountBalance, QueueSample
 from subscriptions.services import api_key_issue, subscription_create
 
