@@ -46,6 +46,8 @@ LINEAR_SETTLE_COINS = ("USDT", "USDC")  # linear lists need symbol, baseCoin or 
 RETRY_CODES = frozenset({10002, 10016})
 RATE_LIMIT_CODES = frozenset({10006, 10018})
 RATE_LIMIT_MAX_WAIT = 5.0  # seconds; Bybit's windows are one second, so a longer reset means skewed clocks
+# The reset comes in whole milliseconds: waking exactly then can be a hair early, and the call is refused.
+RATE_LIMIT_RESET_MARGIN = 0.01
 # Query values are sent as Bybit hands them out: a cursor arrives percent-encoded and goes back as it
 # came (as pybit sends it); commas separate coin lists.
 QUERY_SAFE = "%,"
@@ -207,7 +209,7 @@ class BybitRest:
 
     def reset_time(self, headers: httpx.Headers) -> float:
         try:
-            reset = int(headers.get("X-Bapi-Limit-Reset-Timestamp", "")) / 1000
+            reset = int(headers.get("X-Bapi-Limit-Reset-Timestamp", "")) / 1000 + RATE_LIMIT_RESET_MARGIN
         except ValueError:
             reset = time.time() + 1.0  # no header (an IP limit, 10018): one window
         return min(reset, time.time() + RATE_LIMIT_MAX_WAIT)

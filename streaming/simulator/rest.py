@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import math
 import re
 import time
 from collections import Counter, defaultdict, deque
@@ -130,7 +131,7 @@ class RateLimiter:
         headers = {
             "X-Bapi-Limit": str(limit),
             "X-Bapi-Limit-Status": str(remaining),
-            "X-Bapi-Limit-Reset-Timestamp": str(int(reset * 1000)),
+            "X-Bapi-Limit-Reset-Timestamp": str(math.ceil(reset * 1000)),  # never before the limit has reset
         }
         return allowed, headers
 
