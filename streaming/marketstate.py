@@ -46,6 +46,7 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 
 KINDS = ("orderbook", "ticker", "trade", "order", "position")
+ACCOUNT_KINDS = frozenset(("order", "position"))  # the private topics whose state the cache keeps, by kind
 OPEN_ORDER_STATUSES = frozenset(("New", "PartiallyFilled", "Untriggered"))  # Bybit's open states
 ORDER_TIMES_KEPT = 100_000  # orders whose last update time is remembered, so a late older state loses
 Key = tuple[str, str]  # (hash name, field)
@@ -239,6 +240,7 @@ class LastValueCache:
         self.interval = interval
         self.dirty: dict[Key, Callable[[], dict[str, Any]]] = {}
         self.gone: set[Key] = set()
+        self.cleared: set[str] = set()  # whole hashes to delete at the next flush (the account state left)
         self.versions: dict[Key, tuple[int, int]] = {}  # order/position -> (time, seq) last kept
         self.writes = 0
         self.errors = 0
@@ -289,22 +291,36 @@ class LastValueCache:
             self.gone.add(key)
 
     def forget(self, category: str, topic: str) -> None:
-        """The gateway left this topic: its cached values go at the next flush."""
+        """The gateway left this topic: its cached values go at the next flush.
+
+        Leaving the private `order` or `position` topic clears the whole account hash: nothing
+        would tell the cache an order filled meanwhile, so an open order kept would become a lie.
+        """
+        if topic in ACCOUNT_KINDS:
+            name = hash_name(self.prefix, topic)
+            self.cleared.add(name)
+            self.dirty = {key: render for key, render in self.dirty.items() if key[0] != name}
+            self.gone = {key for key in self.gone if key[0] != name}
+            self.versions = {key: version for key, version in self.versions.items() if key[0] != name}
+            return
         for key in keys_of_topic(self.prefix, category, topic):
             self.dirty.pop(key, None)
             self.gone.add(key)
 
     async def flush(self) -> int:
         """Write every changed value once; on a Redis error keep them for the next round."""
-        if not self.dirty and not self.gone:
+        if not self.dirty and not self.gone and not self.cleared:
             return 0
         batch, self.dirty = self.dirty, {}
         gone, self.gone = self.gone, set()
+        cleared, self.cleared = self.cleared, set()
         written_at = time.time()
         by_hash: dict[str, dict[str, bytes]] = {}
         for (name, field), render in batch.items():
             by_hash.setdefault(name, {})[field] = orjson.dumps({**render(), "written_at": written_at})
         pipe = self.client.pipeline(transaction=False)
+        for name in cleared:  # first: a value marked after the clear is newer and stays
+            pipe.delete(name)
         for name, mapping in by_hash.items():
             pipe.hset(name, mapping=mapping)
         for name, field in gone:
@@ -316,6 +332,7 @@ class LastValueCache:
             batch.update(self.dirty)  # newer marks win over the ones that failed
             self.dirty = batch
             self.gone |= gone
+            self.cleared |= cleared
             if self.throttle.allow("lvc") is not None:
                 log.warning("lvc.write_failed", error=f"{type(exc).__name__}: {exc}"[:200], pending=len(batch))
             return 0

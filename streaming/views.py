@@ -23,6 +23,7 @@ from streaming.models import AccountBalance, QueueSample
 from streaming.monitoring.cleanup import QueueInUse, QueueMissing, queue_delete
 from streaming.monitoring.readings import latest_samples, parse_queue_name
 from subscriptions.authentication import AccountScope, Caller, MarketScope
+from subscriptions.models import Subscription
 from subscriptions.queryparams import ChoiceFilter, pattern_filter, query_int
 from subscriptions.topics import (
     ANY_SYMBOL_PATTERN,
@@ -171,6 +172,18 @@ def cached_all(kind: str) -> list[dict[str, Any]]:
     return [orjson.loads(raw)["data"] for raw in values]
 
 
+NOT_KEPT = "the gateway keeps this state only while some service subscribes to the channel; none does"
+
+
+def check_kept(event_class: str) -> None:
+    """The account state is kept only while the gateway streams that class: else say so, never serve stale rows."""
+    if not Subscription.objects.filter(event_class=event_class, status__in=Subscription.LIVE_STATUSES).exists():
+        raise exceptions.NotFound(
+            f"No {event_class} state is kept: the gateway keeps it only while a service subscribes to the "
+            f"{event_class} channel, and none does."
+        )
+
+
 def by_category_and_symbol(items: list[dict[str, Any]], request: Request) -> list[dict[str, Any]]:
     category, symbol = request.query_params.get("category"), request.query_params.get("symbol")
     if category is not None and category not in CATEGORIES:
@@ -201,7 +214,7 @@ class AccountOrdersView(APIView):
             OpenApiParameter("status", str, enum=["open"], description="only `open` is kept"),
             *ACCOUNT_FILTERS,
         ],
-        responses={200: ACCOUNT_LIST},
+        responses={200: ACCOUNT_LIST, 404: OpenApiResponse(description=NOT_KEPT)},
     )
     def get(self, request: Request) -> Response:
         status = request.query_params.get("status", "open")
@@ -209,6 +222,7 @@ class AccountOrdersView(APIView):
             raise exceptions.ValidationError(
                 {"status": ["only open orders are kept; closed ones are in the order stream"]}
             )
+        check_kept("order")
         orders = by_category_and_symbol(cached_all("order"), request)
         orders.sort(key=lambda o: int(o.get("createdTime") or 0), reverse=True)
         return Response({"count": len(orders), "results": orders})
@@ -219,8 +233,11 @@ class AccountPositionsView(APIView):
 
     permission_classes = [AccountScope]
 
-    @extend_schema(parameters=ACCOUNT_FILTERS, responses={200: ACCOUNT_LIST})
+    @extend_schema(
+        parameters=ACCOUNT_FILTERS, responses={200: ACCOUNT_LIST, 404: OpenApiResponse(description=NOT_KEPT)}
+    )
     def get(self, request: Request) -> Response:
+        check_kept("position")
         positions = by_category_and_symbol(cached_all("position"), request)
         positions.sort(key=lambda p: (p.get("category", ""), p.get("symbol", ""), p.get("positionIdx", 0)))
         return Response({"count": len(positions), "results": positions})

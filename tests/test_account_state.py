@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import pytest
+import redis
 from rest_framework.test import APIClient
 
 from subscriptions.models import Subscription
-from subscriptions.services import subscription_create
+from subscriptions.services import subscription_cancel, subscription_create
 from tests.conftest import QueueReader, wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -82,6 +83,35 @@ def test_open_positions_are_served_and_a_closed_one_leaves(
     linear = api_client.get("/api/v1/account/positions", {"category": "linear", "symbol": "BTCUSDT"}).json()
     assert [p["size"] for p in linear["results"]] == ["0.5"]
     reader.close()
+
+
+def test_an_order_that_closes_while_nobody_streams_orders_is_never_served_as_open(
+    start_gateway, simulator, rabbit, settings, api_client: APIClient
+) -> None:
+    """Unsubscribed, the gateway cannot see an order fill: it forgets the open orders and says so."""
+    settings.BYBIT_REST_URL = simulator.rest_url
+    start_gateway()
+    subscription = subscribe("desk", "order")
+
+    def served() -> tuple[int, set[str]]:
+        response = api_client.get("/api/v1/account/orders")
+        return response.status_code, {o["orderId"] for o in response.json().get("results", [])}
+
+    simulator.call(simulator.sim.emit_order(orderId="left-open"))
+    wait_for(lambda: served() == (200, {"left-open"}), message="the open order served")
+
+    subscription_cancel(subscription=subscription)
+    cache = redis.Redis.from_url(settings.REDIS_URL)
+    wait_for(lambda: cache.hlen(f"{settings.REDIS_KEY_PREFIX}lvc:order") == 0, message="the order state cleared")
+    response = api_client.get("/api/v1/account/orders")
+    assert response.status_code == 404 and response.json()["code"] == "not_found"
+    assert "order channel" in response.json()["detail"]
+
+    simulator.call(simulator.sim.emit_order(orderId="left-open", orderStatus="Filled"))  # unseen by the gateway
+    simulator.call(simulator.sim.emit_order(orderId="placed-meanwhile"))
+    subscribe("desk", "order")
+    wait_for(lambda: served() == (200, {"placed-meanwhile"}), message="the account's true open orders, from REST")
+    cache.close()
 
 
 def test_the_account_endpoints_need_the_account_scope(db) -> None:
