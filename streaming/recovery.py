@@ -20,6 +20,7 @@ import time
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
+import httpx
 import orjson
 import redis.asyncio as aioredis
 import structlog
@@ -41,6 +42,8 @@ WALLET_ACCOUNTS = ("UNIFIED",)
 TOPICS = {"order": "order", "execution": "execution", "position": "position", "balance": "wallet"}
 CONFIRM_TIMEOUT = 30.0  # seconds for a back-fill's events to be confirmed before the watermark may move
 CONFIRM_POLL = 0.05
+# What a repair can fail on: Bybit (refused, unreachable, a reply of another shape), Redis. Each is retried.
+REPAIR_ERRORS = (BybitRestError, OSError, httpx.HTTPError, aioredis.RedisError, ValueError, KeyError, TypeError)
 TIME_FIELDS = {"order": "updatedTime", "execution": "execTime", "position": "updatedTime"}
 
 
@@ -72,7 +75,9 @@ def rest_event(event_class: str, item: dict[str, Any], epoch: int, source: str =
     return Event(event_id, trace_id, event_class, routing_key, body, True, topic, received_ts, epoch)
 
 
-def resync_event(event_class: str, since_ms: int, until_ms: int, counts: dict[str, int], reason: str) -> Event:
+def resync_event(
+    event_class: str, since_ms: int, until_ms: int, counts: dict[str, int], reason: str, epoch: int
+) -> Event:
     """The `<class>.resync` event: the window [since, until] of this class was repaired from REST."""
     received_ts = now_ms()
     event_id = f"resync:{event_class}:{since_ms}:{until_ms}"
@@ -80,7 +85,7 @@ def resync_event(event_class: str, since_ms: int, until_ms: int, counts: dict[st
         {"id": event_id, "class": event_class, "type": "resync", "source": "rest", "received_ts": received_ts,
          "trace_id": event_id, "from_ts": since_ms, "to_ts": until_ms, "reason": reason, "counts": counts}
     )  # fmt: skip
-    return Event(event_id, event_id, event_class, f"{event_class}.resync", body, True, "resync", received_ts)
+    return Event(event_id, event_id, event_class, f"{event_class}.resync", body, True, "resync", received_ts, epoch)
 
 
 def latest_orders(items: Iterable[dict[str, Any]], since_ms: int) -> list[dict[str, Any]]:
@@ -117,6 +122,7 @@ class Recovery:
         self.backfilled_events = 0
         self.last_backfill: dict[str, Any] | None = None
         self.last_error = ""
+        self.failing_since: float | None = None  # epoch seconds of the first failure in a row
         self.throttle = LogThrottle()
 
     def request(self, reason: str) -> None:
@@ -199,17 +205,21 @@ class Recovery:
                     await self.backfill(",".join(sorted(set(reasons))))
                 if self.snapshots_due:
                     await self.snapshot()
-            except (BybitRestError, OSError) as exc:
-                self.last_error = str(exc)[:200]
+            except REPAIR_ERRORS as exc:
+                # A failed repair must not stop the gateway (the live stream goes on): say so loudly, retry.
+                self.last_error = f"{type(exc).__name__}: {exc}"[:200]
+                self.failing_since = self.failing_since or time.time()
                 log.error("recovery.backfill_failed", error=self.last_error, retry="on the next gap or in 30 s")
                 asyncio.get_running_loop().call_later(30.0, self.request, "retry")
+            else:
+                self.last_error, self.failing_since = "", None
 
     async def backfill(self, reason: str) -> None:
         """Publish what Bybit's REST API has for each wanted private class since its watermark."""
         classes = self.gateway.reconciler.private_classes
         if self.rest is None or not classes:
             return
-        until = now_ms()
+        until, epoch = now_ms(), self.gateway.envelopes.epoch
         started = time.monotonic()
         floors = dict(self.floor)
         counts: dict[str, int] = {}
@@ -218,7 +228,7 @@ class Recovery:
             since = floors.get(event_class, self.marks.get(event_class, until - self.first_window_ms))
             since -= self.overlap_ms
             events = await self.fetch(event_class, since, until)
-            events.append(resync_event(event_class, since, until, {"events": len(events)}, reason))
+            events.append(resync_event(event_class, since, until, {"events": len(events)}, reason, epoch))
             for event in events:
                 self.gateway.handoff.put(event)
             self.gateway.publisher.kick()
@@ -240,6 +250,7 @@ class Recovery:
         A `resync` event with reason `snapshot` ends it, also when there was nothing to send.
         """
         due, self.snapshots_due = self.snapshots_due, {}
+        epoch = self.gateway.envelopes.epoch
         for queue, event_class in due.items():
             try:
                 events = self.events(event_class, await self.current(event_class))
@@ -247,7 +258,7 @@ class Recovery:
                 self.snapshots_due.update({q: c for q, c in due.items() if q not in self.snapshotted})
                 raise
             now = now_ms()
-            events.append(resync_event(event_class, now, now, {"events": len(events)}, "snapshot"))
+            events.append(resync_event(event_class, now, now, {"events": len(events)}, "snapshot", epoch))
             self.gateway.publisher.to_queue(queue, events)
             self.snapshotted.add(queue)
             self.snapshots += 1

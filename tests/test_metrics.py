@@ -29,3 +29,19 @@ def test_each_endpoint_circuit_and_the_private_auth_refusals_are_exported() -> N
     assert found[("wsgateway_gateway_endpoint_circuit_open", (("endpoint", private),))] == 0
     assert found[("wsgateway_gateway_socket_auth_failures_total", (("socket", "private-1"),))] == 5
     assert ("wsgateway_gateway_socket_auth_failures_total", (("socket", "linear-1"),)) not in found
+
+
+def test_parked_private_events_and_a_failing_backfill_are_exported() -> None:
+    queue = "ws-gateway.desk.order"
+    status = {
+        "updated_at": time.time(),
+        "private": {"parked": {queue: 14}},
+        "recovery": {"backfills": 7, "last_error": "BybitRestError: retCode 10016", "failing_since": time.time()},
+    }
+    found = samples(status)
+    assert found[("wsgateway_gateway_private_parked", (("queue", queue),))] == 14
+    assert found[("wsgateway_gateway_backfills_total", ())] == 7
+    assert found[("wsgateway_gateway_backfill_failing", ())] == 1
+    working = samples({**status, "private": {}, "recovery": {"backfills": 8, "last_error": None}})
+    assert working[("wsgateway_gateway_backfill_failing", ())] == 0
+    assert ("wsgateway_gateway_private_parked", (("queue", queue),)) not in working

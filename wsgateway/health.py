@@ -41,7 +41,7 @@ CHANNEL_ID = 1  # the AMQP channel each kept connection opens for its round trip
 GATEWAY_PASSTHROUGH = (
     "state", "circuit", "sockets", "counters", "handoff_depth", "in_flight", "publisher", "books", "lvc", "balances",
     "malformed_by_reason", "read_pauses", "circuits", "private",
-    "epoch", "quarantined_by_reason", "quarantined_at",
+    "epoch", "quarantined_by_reason", "quarantined_at", "recovery",
 )  # fmt: skip
 
 
@@ -205,6 +205,14 @@ def gateway_problems(record: dict[str, Any]) -> list[str]:
                 f"socket {sock.get('name')}: Bybit refuses the API key ({sock['auth_error']}), "
                 f"{sock.get('auth_failures', '?')} refusals, failing since {when}; no private events arrive"
             )
+    recovery = record.get("recovery") or {}
+    if recovery.get("last_error"):
+        since = recovery.get("failing_since")
+        when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(since)) if since else "?"
+        problems.append(
+            f"back-fill from Bybit's REST API failing since {when} ({recovery['last_error']}): "
+            "private events missed in a gap are not repaired until it works"
+        )
     return problems
 
 

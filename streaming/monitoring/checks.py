@@ -22,6 +22,7 @@ GATEWAY_FAMILIES = (
     "gateway.publisher",
     "gateway.private_auth_failed",
     "gateway.quarantined",
+    "gateway.backfill_failed",
     "queue.private_rejecting",
 )
 LEVELS = ("warning", "critical")
@@ -187,5 +188,9 @@ def gateway_alerts(status: dict[str, Any] | None, now: float) -> list[Alert]:
     balances = status.get("balances") or {}
     if balances.get("rejected"):
         alerts.append(Alert("gateway.balances.rejected", "gateway", "warning", {"rows": balances["rejected"]}))
+    recovery = status.get("recovery") or {}
+    if recovery.get("last_error"):
+        details = {"error": recovery["last_error"], "failing_since": recovery.get("failing_since")}
+        alerts.append(Alert("gateway.backfill_failed", "gateway", "critical", details))
     alerts += private_alerts(status.get("private") or {})
     return alerts

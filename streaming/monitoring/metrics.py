@@ -92,6 +92,14 @@ def gateway_metrics(status: dict[str, Any] | None, now: float) -> Iterator[Metri
     for queue, count in sorted(((status.get("private") or {}).get("parked") or {}).items()):
         parked.add_metric([queue], count)
     yield parked
+    recovery = status.get("recovery") or {}
+    backfills = CounterMetricFamily("wsgateway_gateway_backfills", "Back-fills of private events from Bybit's REST API")
+    backfills.add_metric([], recovery.get("backfills", 0))
+    failing = GaugeMetricFamily(
+        "wsgateway_gateway_backfill_failing", "1 while back-filling from Bybit's REST API fails"
+    )
+    failing.add_metric([], 1 if recovery.get("last_error") else 0)
+    yield from (backfills, failing)
     circuit = GaugeMetricFamily("wsgateway_gateway_circuit_open", "1 while a Bybit circuit breaker is open")
     circuit.add_metric([], 1 if (status.get("circuit") or {}).get("state") == "open" else 0)
     yield circuit
