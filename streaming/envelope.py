@@ -234,8 +234,9 @@ class Envelopes:
         self, bad: Quarantined, event_class: str, topic: str, msg: dict[str, Any], trace_id: str, received_ts: int
     ) -> Event:
         """The event of an item that cannot be routed: `<class>.unknown`, its data as Bybit sent it, persistent."""
-        event_id = f"{event_class}:unknown:{content_hash(bad.item)}"
         exchange_ts = msg.get("creationTime")
+        # The frame's time too: the same bad item sent again later is another event, not a repeat.
+        event_id = f"{event_class}:unknown:{content_hash([exchange_ts, bad.item])}"
         head = envelope_head(event_id, event_class, topic, "", "", "snapshot", exchange_ts, received_ts, trace_id)
         body = orjson.dumps({**head, "u": None, "seq": None, "cts": None, "bybit_id": msg.get("id"),
                              "quarantine": {"reason": bad.reason, "field": bad.field}, "data": bad.item})  # fmt: skip

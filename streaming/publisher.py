@@ -332,11 +332,11 @@ class AmqpProtocol(asyncio.Protocol):
         self.heartbeat = 0  # seconds, negotiated; 0: off
         self.frame_max = FRAME_MAX
         self.tls = False
+        self.returning: Return | None = None  # a basic.return whose content header is still to come
 
     @property
     def writable(self) -> bool:
         return not (self.writing_paused or self.blocked_by_broker or self.closed.done()) and self.transport is not None
-        self.returning: Return | None = None  # a basic.return whose content header is still to come
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
