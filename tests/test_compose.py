@@ -63,6 +63,12 @@ def test_a_missing_secret_stops_compose_with_the_way_to_set_it(compose: dict[str
         assert "make .env" in secret
 
 
+def test_the_api_answers_plain_http_on_a_first_run(compose: dict[str, Any]) -> None:
+    """Compose publishes gunicorn as plain HTTP: HTTPS redirects (the production default) stay off unless .env asks."""
+    for name in APP_SERVICES:
+        assert compose["services"][name]["environment"]["DJANGO_HTTPS"] == "${DJANGO_HTTPS:-false}", name
+
+
 def test_unauthenticated_uis_are_published_on_localhost_only(compose: dict[str, Any]) -> None:
     services = compose["services"]
     for name in ("flower", "rabbitmq", "simulator"):
