@@ -168,3 +168,22 @@ def test_market_events_for_a_deleted_queue_land_in_the_unroutable_queue_and_rais
     reader = QueueReader(rabbit, "ws-gateway.alpha.trade")
     reader.wait(lambda m: len(m) >= 3, message="trades flowing to the queue again")
     reader.close()
+
+
+def test_after_a_publisher_reconnect_queues_the_broker_lost_are_declared_again_at_once(
+    start_gateway, gateway_settings, simulator, rabbit
+) -> None:
+    """A broker back without its definitions: the reconnect alone has the queues declared again, no periodic refresh."""
+    from tests.conftest import close_publisher_connections
+
+    gateway_settings.GATEWAY_REDECLARE_INTERVAL = 3600.0  # the periodic refresh cannot be what brings them back
+    runner = start_gateway()
+    trades, _ = subscription_create(service_name="alpha", channel="trades", category="linear", symbol="BTCUSDT")
+    wait_for(lambda: active(trades), message="the trade subscription active")
+    assert management_api(queue_url(rabbit, "ws-gateway.alpha.trade"), "DELETE").status_code == 204
+    wait_for(lambda: close_publisher_connections(rabbit) > 0, message="the publisher's connection cut")
+    wait_for(lambda: runner.gateway.publisher.reconnects >= 1, message="the publisher reconnected")
+    wait_for(lambda: queue_exists(rabbit, "ws-gateway.alpha.trade"), timeout=5, message="the queue declared again")
+    reader = QueueReader(rabbit, "ws-gateway.alpha.trade")
+    reader.wait(lambda m: len(m) >= 3, message="trades flowing to the queue again")
+    reader.close()
