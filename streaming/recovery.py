@@ -251,16 +251,20 @@ class Recovery:
         """
         due, self.snapshots_due = self.snapshots_due, {}
         epoch = self.gateway.envelopes.epoch
+        sent: set[str] = set()
+        self.snapshotted |= set(due)  # in flight: a reconcile meanwhile must not ask for them again
         for queue, event_class in due.items():
             try:
                 events = self.events(event_class, await self.current(event_class))
-            except (BybitRestError, OSError):
-                self.snapshots_due.update({q: c for q, c in due.items() if q not in self.snapshotted})
+            except REPAIR_ERRORS:
+                unsent = {q: c for q, c in due.items() if q not in sent}
+                self.snapshotted -= set(unsent)
+                self.snapshots_due.update(unsent)
                 raise
             now = now_ms()
             events.append(resync_event(event_class, now, now, {"events": len(events)}, "snapshot", epoch))
             self.gateway.publisher.to_queue(queue, events)
-            self.snapshotted.add(queue)
+            sent.add(queue)
             self.snapshots += 1
             log.info("recovery.snapshot_sent", queue=queue, event_class=event_class, events=len(events))
         await self.gateway.redis.delete(self.snapshot_key)

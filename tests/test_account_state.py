@@ -122,3 +122,28 @@ def test_the_account_endpoints_need_the_account_scope(db) -> None:
     for path in ("/api/v1/account/orders", "/api/v1/account/positions"):
         response = client.get(path)
         assert response.status_code == 403 and response.json()["code"] == "missing_scope", path
+
+
+def test_a_late_joiner_gets_the_open_positions_and_the_wallet(start_gateway, simulator, rabbit, settings) -> None:
+    settings.BYBIT_REST_URL = simulator.rest_url
+    start_gateway()
+    simulator.call(simulator.sim.emit_position(symbol="BTCUSDT", size="0.5"))
+    simulator.call(simulator.sim.emit_position(symbol="ETHUSDT", size="0"))  # closed: not current state
+    simulator.call(simulator.sim.emit_wallet())  # all before anyone subscribed: never streamed to us
+
+    subscribe("late", "position")
+    subscribe("late", "balance")
+    positions = QueueReader(rabbit, "ws-gateway.late.position")
+    wallet = QueueReader(rabbit, "ws-gateway.late.balance")
+    positions.wait(lambda m: any(x.get("reason") == "snapshot" for x in m), message="the position snapshot")
+    wallet.wait(lambda m: any(x.get("reason") == "snapshot" for x in m), message="the wallet snapshot")
+    # The new class's back-fill and the late joiner's snapshot both carry the current state: one id, one position.
+    snapshot = {m["id"]: m for m in positions.messages if m.get("source") == "rest" and m["type"] != "resync"}
+    assert [(m["type"], m["data"]["symbol"], m["data"]["size"]) for m in snapshot.values()] == [
+        ("snapshot", "BTCUSDT", "0.5")
+    ]
+    accounts = {m["id"]: m for m in wallet.messages if m.get("source") == "rest" and m["type"] != "resync"}
+    assert [m["data"]["accountType"] for m in accounts.values()] == ["UNIFIED"]
+    assert "USDT" in {c["coin"] for m in accounts.values() for c in m["data"]["coin"]}
+    positions.close()
+    wallet.close()
