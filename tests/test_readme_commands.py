@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from streaming.management.commands.demo import DEMO_SUBSCRIPTIONS
 from tests.conftest import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -52,6 +53,7 @@ SERVERS = {
 # Commands whose output must show something, not only succeed (what the tour promises).
 EXPECTED: dict[str, Callable[[str], bool]] = {
     "/balances?": lambda out: json.loads(out)["count"] >= 1,
+    "/account/orders?": lambda out: json.loads(out)["count"] >= 1,  # the order the line before placed
     "/subscriptions?status=active": lambda out: json.loads(out)["count"] >= 1,
     "market/orderbook/": lambda out: bool(json.loads(out)["b"]),
 }
@@ -147,7 +149,12 @@ def demo(transactional_db, rabbit: str, redis_prefix: str) -> Iterator[Demo]:
         wait_for(lambda: "Ctrl-C stops everything." in demo.output or proc.poll() is not None, 60, message="banner")
         assert proc.poll() is None, demo.output
         api = f"http://127.0.0.1:{web}/api/v1/subscriptions?status=active"
-        wait_for(lambda: live_count(api, demo.key()) == 5, 60, interval=0.5, message="the demo's 5 subscriptions live")
+        wait_for(
+            lambda: live_count(api, demo.key()) == len(DEMO_SUBSCRIPTIONS),
+            60,
+            interval=0.5,
+            message="every demo subscription live",
+        )
         yield demo
     finally:
         stop(proc, [int(pid) for pid in re.findall(r"started \(pid=(\d+)\)", demo.output)])
@@ -312,7 +319,9 @@ def test_every_readme_and_banner_command_works_as_printed(demo: Demo, tmp_path: 
 def healthy(url: str, key: str) -> bool:
     rows = requests.get(url, headers={"X-API-Key": key}, timeout=5).json()["results"]
     demo_rows = [r for r in rows if r["queue"].startswith("ws-gateway.demo.")]
-    return len(demo_rows) == 5 and all(r["status"] == "ok" and r["consumers"] >= 1 for r in demo_rows)
+    return len(demo_rows) == len(DEMO_SUBSCRIPTIONS) and all(
+        r["status"] == "ok" and r["consumers"] >= 1 for r in demo_rows
+    )
 
 
 def test_readme_commands_are_found_and_each_skip_is_real() -> None:

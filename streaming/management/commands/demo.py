@@ -29,6 +29,7 @@ DEMO_SUBSCRIPTIONS = (
     {"channel": "orderbook", "category": "linear", "symbol": "BTCUSDT", "depth": 50},
     {"channel": "ticker", "category": "spot", "symbol": "ETHUSDT"},
     {"channel": "order"},
+    {"channel": "position"},
     {"channel": "balance"},
 )
 # What the consumer prints: trades (about ten a second) and every private event (only on demand).
