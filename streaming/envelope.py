@@ -31,6 +31,7 @@ PRIVATE_SUFFIXES = ("spot", "linear", "inverse", "option", "fast")
 # A private item without the fields its routing key needs goes to `<class>.unknown`, which every
 # queue of its class receives through its `<class>.#` binding (docs/gateway.md, quarantine).
 QUARANTINE_SUFFIX = ".unknown"
+MAX_ID_BYTES = 200  # of a content-derived id: AMQP's message_id is a shortstr (255 bytes)
 
 
 @dataclass(slots=True)
@@ -285,10 +286,15 @@ def content_hash(value: Any) -> str:
 
 
 def joined_id(prefix: str, item: dict[str, Any], *parts: Any) -> str:
-    """`<prefix>:<part>:...`, or `<prefix>:hash:<content hash>` when a part is missing."""
+    """`<prefix>:<part>:...`, or `<prefix>:hash:<content hash>` when a part is missing or the id would be too long.
+
+    AMQP carries a message id of 255 bytes at most; a Bybit field of absurd length must not make
+    an event the broker cannot take.
+    """
     if any(part is None or part == "" for part in parts):
         return f"{prefix}:hash:{content_hash(item)}"
-    return ":".join((prefix, *map(str, parts)))
+    joined = ":".join((prefix, *map(str, parts)))
+    return joined if len(joined.encode()) <= MAX_ID_BYTES else f"{prefix}:hash:{content_hash(item)}"
 
 
 def execution_id(item: dict[str, Any], creation_time: Any) -> str:

@@ -6,6 +6,7 @@ import orjson
 import pytest
 
 from streaming.envelope import ControlReply, DataFrame, Envelopes, Malformed
+from streaming.publisher import encode_publish
 
 
 def envelope(frame: dict, category: str = "linear") -> dict:
@@ -189,6 +190,18 @@ def test_wallet_updates_in_the_same_millisecond_keep_distinct_ids() -> None:
     ]
     first, second = (private_ids(Envelopes("r"), f) for f in frames)
     assert first != second
+
+
+def test_an_absurdly_long_order_id_still_gives_an_id_amqp_can_carry_and_instances_agree_on() -> None:
+    item = {"category": "linear", "symbol": "BTCUSDT", "orderId": "o" * 300, "updatedTime": "1",
+            "orderStatus": "New", "cumExecQty": "0"}  # fmt: skip
+    frame = {"topic": "order", "data": [item]}
+    (first,) = private_ids(Envelopes("one"), frame)
+    (second,) = private_ids(Envelopes("two"), frame)
+    assert first == second and first.startswith("order:hash:") and len(first.encode()) <= 255
+    result = Envelopes("one").handle(orjson.dumps(frame).decode(), "private")
+    assert isinstance(result, DataFrame)
+    encode_publish(1, b"\x00", result.events[0], 131072)  # the broker can take it: no ValueError
 
 
 def test_private_items_without_id_fields_get_a_content_hash_not_a_run_id() -> None:
