@@ -165,10 +165,12 @@ class Envelopes:
             if self.state is not None and spec.event_class == "ticker" and isinstance(data, dict):
                 frame.merged = state["merged"] = self.state.ticker(category, symbol, kind, data)
         event_id = f"{trace_id}-0"
-        head = envelope_head(
-            event_id, spec.event_class, topic, category, symbol, kind, msg.get("ts"), received_ts, trace_id
-        )
-        body = orjson.dumps({**head, "u": u, "seq": seq, "cts": msg.get("cts"), "data": data, **state})
+        # envelope_head's fields, written out: one dict per market event, not two.
+        body = orjson.dumps({
+            "id": event_id, "class": spec.event_class, "topic": topic, "category": category, "symbol": symbol,
+            "type": kind, "exchange_ts": msg.get("ts"), "received_ts": received_ts, "trace_id": trace_id,
+            "u": u, "seq": seq, "cts": msg.get("cts"), "data": data, **state,
+        })  # fmt: skip
         frame.events.append(
             Event(event_id, trace_id, spec.event_class, routing_key, body, False, topic, received_ts, self.epoch)
         )

@@ -64,6 +64,12 @@ class BookUpdate:
     replaced: bool = False  # a snapshot (or Bybit's u=1 restart) replaced the book
 
 
+# The outcomes that carry no detail, made once: a book update is the most frequent message there is.
+APPLIED = BookUpdate(True)
+REPLACED = BookUpdate(True, replaced=True)
+WAITING = BookUpdate(False)  # inconsistent since a gap: nothing applies until a snapshot
+
+
 class OrderBook:
     __slots__ = ("ask_prices", "asks", "bid_prices", "bids", "consistent", "seq", "u")
 
@@ -85,9 +91,9 @@ class OrderBook:
             self.asks = {float(p): [p, s] for p, s in data["a"]}
             self.bid_prices, self.ask_prices = sorted(self.bids), sorted(self.asks)
             self.u, self.seq, self.consistent = u, data.get("seq"), True
-            return BookUpdate(True, replaced=True)
+            return REPLACED
         if not self.consistent:
-            return BookUpdate(False)
+            return WAITING
         if u != self.u + 1:  # type: ignore[operator]
             self.consistent = False
             return BookUpdate(False, gap=True, expected_u=self.u + 1, received_u=u)  # type: ignore[operator]
@@ -103,7 +109,7 @@ class OrderBook:
                     insort(prices, key)
                     side[key] = [price, size]
         self.u, self.seq = u, data.get("seq")
-        return BookUpdate(True)
+        return APPLIED
 
     def top(self, n: int) -> tuple[list[list[str]], list[list[str]]]:
         """The best `n` levels a side, as Bybit writes them: bids high to low, asks low to high.
@@ -232,6 +238,22 @@ def keys_of_topic(prefix: str, category: str, topic: str) -> list[Key]:
     return []
 
 
+class BookMark:
+    """One book's entry in the cache: its key, and how to render its top at the next flush."""
+
+    __slots__ = ("book", "cache", "depth", "exchange_ts", "key")
+
+    def __init__(self, key: Key, book: OrderBook, depth: int, cache: LastValueCache) -> None:
+        self.key, self.book, self.depth, self.cache = key, book, depth, cache
+        self.exchange_ts: int | None = None  # of the last message applied
+
+    def render(self) -> dict[str, Any]:
+        book = self.book
+        bids, asks = book.top(self.cache.book_depth)
+        return {"b": bids, "a": asks, "u": book.u, "seq": book.seq, "consistent": book.consistent,
+                "depth": self.depth, "exchange_ts": self.exchange_ts}  # fmt: skip
+
+
 class LastValueCache:
     def __init__(self, client: aioredis.Redis, prefix: str, book_depth: int, interval: float) -> None:
         self.client = client
@@ -242,17 +264,18 @@ class LastValueCache:
         self.gone: set[Key] = set()
         self.cleared: set[str] = set()  # whole hashes to delete at the next flush (the account state left)
         self.versions: dict[Key, tuple[int, int]] = {}  # order/position -> (time, seq) last kept
+        self.book_marks: dict[OrderBook, BookMark] = {}
         self.writes = 0
         self.errors = 0
         self.throttle = LogThrottle()
 
     def book(self, category: str, symbol: str, depth: int, book: OrderBook, exchange_ts: int | None) -> None:
-        def render() -> dict[str, Any]:
-            bids, asks = book.top(self.book_depth)
-            return {"b": bids, "a": asks, "u": book.u, "seq": book.seq, "consistent": book.consistent,
-                    "depth": depth, "exchange_ts": exchange_ts}  # fmt: skip
-
-        self.dirty[book_key(self.prefix, category, symbol, depth)] = render
+        # Once per frame of every book: the mark (its key, its render) is made once per book.
+        mark = self.book_marks.get(book)
+        if mark is None:
+            mark = self.book_marks[book] = BookMark(book_key(self.prefix, category, symbol, depth), book, depth, self)
+        mark.exchange_ts = exchange_ts
+        self.dirty[mark.key] = mark.render
 
     def ticker(self, category: str, symbol: str, merged: dict[str, Any], exchange_ts: int | None) -> None:
         self.dirty[ticker_key(self.prefix, category, symbol)] = lambda: {"data": merged, "exchange_ts": exchange_ts}
@@ -306,6 +329,7 @@ class LastValueCache:
         for key in keys_of_topic(self.prefix, category, topic):
             self.dirty.pop(key, None)
             self.gone.add(key)
+            self.book_marks = {book: mark for book, mark in self.book_marks.items() if mark.key != key}
 
     async def flush(self) -> int:
         """Write every changed value once; on a Redis error keep them for the next round."""
