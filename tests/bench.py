@@ -60,6 +60,17 @@ def main(which: str) -> dict[str, Any]:
         paced = bench_gateway.run_path(40, "1", 10)
         memory = bench_gateway.run_path(500, "0.2", 10)
         raw = results.get("raw_publish_per_s") or 1
+        # The floor: the gateway's two I/O ends, measured in this run. Reading (b)'s frames with a
+        # plain websockets client, and one packed publish (the Publisher alone, above).
+        receive_us = bench_sim.floor_receive(200, 5.0)
+        frames_per_event = full["frames_in_per_s"] / max(1, full["gateway_per_s"])
+        floor = round(receive_us * frames_per_event + results["publisher_cpu_us"], 1)
+        results.update(
+            floor_receive_us_per_frame=receive_us,
+            floor_us_per_event=floor,
+            gateway_us_per_event=full["cpu_us_per_event"],
+            cpu_vs_floor=round(full["cpu_us_per_event"] / floor, 2),
+        )
         results.update(
             gateway_per_s=full["gateway_per_s"],
             ratio=round(full["gateway_per_s"] / raw, 2),
@@ -87,6 +98,12 @@ def main(which: str) -> dict[str, Any]:
                 ", ".join(f"{name} {busy}" for name, busy in full["cores_busy"].items()),
             ),
             ("    RabbitMQ CPU us/event", full["broker_cpu_us_per_event"], "publish, route, confirm and deliver"),
+            ("    gateway CPU us/event", full["cpu_us_per_event"], f"x{results['cpu_vs_floor']} of the floor"),
+            (
+                "    floor us/event",
+                floor,
+                f"websockets read {receive_us} us/frame + Publisher alone {results['publisher_cpu_us']} us",
+            ),
             ("(c) latency p50 ms", paced["latency_p50_ms"], "at 2,000 events/s, simulator send -> consumer"),
             ("    latency p99 ms", paced["latency_p99_ms"], ""),
             ("    latency max ms", paced["latency_max_ms"], ""),
@@ -99,6 +116,7 @@ def main(which: str) -> dict[str, Any]:
         with_books = results.get("full") or bench_gateway.run_path(200, "max", 10)
         results.update(books, gateway_no_books_per_s=without["gateway_per_s"])
         rows += [
+            ("frame path us (50 levels)", books["frame_path_us"], "parse, envelope, book, cache mark: in process"),
             ("book delta us (50 levels)", books["book50_delta_us"], "apply one delta"),
             ("book delta us (200 levels)", books["book200_delta_us"], ""),
             ("  + top-50 read us (50)", books["book50_delta_plus_top50_us"], "delta and a cache render each time"),

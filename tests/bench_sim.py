@@ -35,11 +35,11 @@ def topics() -> list[str]:
     return [f"publicTrade.{s}" for s in names] + [f"orderbook.50.{s}" for s in names] + [f"tickers.{s}" for s in names]
 
 
-def start_simulator(port: int) -> subprocess.Popen:
+def start_simulator(port: int, symbols: int = SYMBOLS) -> subprocess.Popen:
     env = {**os.environ, "DJANGO_SECRET_KEY": "bench", "LOG_LEVEL": "WARNING"}
     process = subprocess.Popen(
         [sys.executable, "manage.py", "bybit_simulator", "--port", str(port), "--control-port", str(free_port()),
-         "--rate", "max", "--symbols", str(SYMBOLS)],
+         "--rate", "max", "--symbols", str(symbols)],
         cwd=ROOT, env=env,
     )  # fmt: skip
     deadline = time.monotonic() + 20
@@ -120,6 +120,36 @@ async def websockets_client(port: int, seconds: float) -> float:
             await ws.recv()
             frames += 1
         return frames / (time.perf_counter() - started)
+
+
+async def receive_cpu(port: int, symbols: int, seconds: float) -> float:
+    """CPU microseconds a plain `websockets` client spends per frame on (b)'s feed: 50-level books of `symbols`.
+
+    One end of the gateway's floor: it cannot read a frame for less than this.
+    """
+    async with connect(f"ws://127.0.0.1:{port}/v5/public/linear", compression=None, max_queue=None,
+                       ping_interval=None) as ws:  # fmt: skip
+        books = [f"orderbook.50.SYM{i:04d}USDT" for i in range(1, symbols + 1)]
+        for start in range(0, len(books), 10):
+            await ws.send(json.dumps({"op": "subscribe", "args": books[start : start + 10]}))
+        for _ in range(2000):  # the snapshots and the subscribe replies
+            await ws.recv()
+        started, cpu0, frames = time.perf_counter(), time.process_time(), 0
+        while time.perf_counter() - started < seconds:
+            await ws.recv()
+            frames += 1
+        return (time.process_time() - cpu0) / frames * 1e6
+
+
+def floor_receive(symbols: int = 200, seconds: float = 5.0) -> float:
+    """`receive_cpu` against its own simulator, as (b) runs it (`--rate max`)."""
+    port = free_port()
+    process = start_simulator(port, symbols)
+    try:
+        return round(asyncio.run(receive_cpu(port, symbols, seconds)), 2)
+    finally:
+        process.terminate()
+        process.wait(10)
 
 
 def run(seconds: float = 5.0) -> dict[str, Any]:
