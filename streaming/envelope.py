@@ -88,6 +88,7 @@ class DataFrame:
     gap: bool = False  # an order-book `u` was skipped: the topic needs a fresh snapshot
     merged: dict[str, Any] | None = None  # the complete ticker
     quarantined: tuple[Quarantined, ...] = ()  # private items published to `<class>.unknown`
+    conflatable: bool = False  # a book or ticker whose newest state the gateway holds whole (Envelopes.latest)
 
 
 Frame = ControlReply | Malformed | DataFrame
@@ -156,7 +157,7 @@ class Envelopes:
                     update = self.state.book(category, topic, kind, data)
                 except (KeyError, TypeError, ValueError, InvalidOperation):
                     return Malformed("orderbook data without u, b or a", topic)
-                state["consistent"] = update.consistent
+                state["consistent"] = frame.conflatable = update.consistent
                 if update.gap:
                     state["gap"] = {"expected_u": update.expected_u, "received_u": update.received_u}
                     frame.gap = True
@@ -164,6 +165,7 @@ class Envelopes:
             u, seq = None, msg.get("cs")
             if self.state is not None and spec.event_class == "ticker" and isinstance(data, dict):
                 frame.merged = state["merged"] = self.state.ticker(category, symbol, kind, data)
+                frame.conflatable = True
         event_id = f"{trace_id}-0"
         # envelope_head's fields, written out: one dict per market event, not two.
         body = orjson.dumps({
@@ -175,6 +177,41 @@ class Envelopes:
             Event(event_id, trace_id, spec.event_class, routing_key, body, False, topic, received_ts, self.epoch)
         )
         return frame
+
+    def latest(self, frame: DataFrame) -> Event | None:
+        """The newest state of a book or ticker topic as one snapshot event (`"conflated": true`), or None if gone.
+
+        For a frame the hand-off folded (it was behind): rendered when the publisher takes it, from
+        the gateway's own book or merged ticker, which every frame read so far has updated. The
+        frame named is the topic's latest: its times and trace id are the snapshot's. A consumer
+        replaces its book with it and applies the deltas that follow (their `u` goes on from it).
+        """
+        state, event, msg = self.state, frame.events[0], frame.parsed
+        assert state is not None
+        if frame.event_class == "orderbook":
+            book = state.books.get((frame.category, frame.topic))
+            if book is None:
+                return None
+            bids, asks = book.top(max(len(book.bids), len(book.asks)))
+            u, seq = book.u, book.seq
+            data: dict[str, Any] = {"s": frame.symbol, "b": bids, "a": asks, "u": u, "seq": seq}
+            extra: dict[str, Any] = {"consistent": book.consistent}
+        else:
+            merged = state.tickers.get((frame.category, frame.symbol))
+            if merged is None:
+                return None
+            u, seq, data, extra = None, msg.get("cs"), merged, {"merged": merged}
+        event_id = f"{event.trace_id}-latest"
+        body = orjson.dumps({
+            "id": event_id, "class": frame.event_class, "topic": frame.topic, "category": frame.category,
+            "symbol": frame.symbol, "type": "snapshot", "exchange_ts": msg.get("ts"), "received_ts": event.received_ts,
+            "trace_id": event.trace_id, "u": u, "seq": seq, "cts": msg.get("cts"), "data": data, **extra,
+            "conflated": True,
+        })  # fmt: skip
+        return Event(
+            event_id, event.trace_id, frame.event_class, event.routing_key, body, False, frame.topic,
+            event.received_ts, self.epoch,
+        )  # fmt: skip
 
     def private_frame(self, msg: dict[str, Any], topic: str, trace_id: str, received_ts: int) -> Frame:
         """One event per item of Bybit's list; an item that cannot be routed is quarantined, never dropped."""

@@ -60,6 +60,7 @@ class GatewayConfig:
     backfill_first_window_ms: int
     handover_flush: float
     handoff_size: int
+    conflate_at: int
     confirm_window: int
     lock_ttl: float
     status_interval: float
@@ -103,6 +104,7 @@ class GatewayConfig:
             backfill_first_window_ms=s.GATEWAY_BACKFILL_FIRST_WINDOW_S * 1000,
             handover_flush=s.GATEWAY_HANDOVER_FLUSH_S,
             handoff_size=s.GATEWAY_HANDOFF_SIZE,
+            conflate_at=s.GATEWAY_CONFLATE_AT,
             confirm_window=s.GATEWAY_CONFIRM_WINDOW,
             lock_ttl=s.GATEWAY_LOCK_TTL,
             status_interval=s.GATEWAY_STATUS_INTERVAL,
@@ -148,7 +150,7 @@ def database_conninfo(db: dict[str, Any]) -> str:
 class Gateway:
     def __init__(self, config: GatewayConfig) -> None:
         self.config = config
-        self.handoff = Handoff(config.handoff_size, config.backpressure_at, config.max_read_pause)
+        self.handoff = Handoff(config.handoff_size, config.backpressure_at, config.max_read_pause, config.conflate_at)
         self.publisher = Publisher(
             config.rabbitmq_url,
             self.handoff,
@@ -163,6 +165,7 @@ class Gateway:
         self.balances = BalanceWriter(config.database_conninfo)
         self.market = MarketState(self.cache, self.balances)
         self.envelopes = Envelopes(state=self.market if config.orderbooks else None)
+        self.handoff.render = self.envelopes.latest
         self.reconciler = Reconciler(self, config.reconcile_interval)
         rest = BybitRest.from_settings(settings) if config.credentials else None
         self.recovery = Recovery(self, rest, config.backfill_overlap_ms, config.backfill_first_window_ms)
@@ -196,12 +199,11 @@ class Gateway:
         if frame.topic not in sock.desired and frame.topic not in sock.live:
             counters.count_malformed(NOT_SUBSCRIBED, raw, sock.name)
             return None
-        put, by_key = self.handoff.put, counters.by_routing_key
+        by_key = counters.by_routing_key
         for event in frame.events:
-            put(event)
             by_key[event.routing_key] += 1
+        counters.events_out += self.handoff.offer(frame)  # a book or ticker may fold into its newest state
         self.publisher.kick()
-        counters.events_out += len(frame.events)
         if frame.quarantined:
             counters.count_quarantined(frame, sock.name)
         self.reconciler.seen[(sock.category, frame.topic)] = time.time()

@@ -57,7 +57,7 @@ from streaming.confirms import (
     decode_method,
     message_id,
 )
-from streaming.envelope import Event
+from streaming.envelope import DataFrame, Event
 from subscriptions.topics import EXCHANGE
 from wsgateway.logging import LogThrottle
 
@@ -166,38 +166,91 @@ def encode_each(
     return kept, frames, refused
 
 
+class Latest:
+    """A book's or ticker's place in the hand-off while it is behind: its newest state, made when taken."""
+
+    __slots__ = ("frame", "key")
+
+    def __init__(self, key: tuple[str, str], frame: DataFrame) -> None:
+        self.key = key  # (socket category, Bybit topic)
+        self.frame = frame  # the topic's latest frame
+
+
 class Handoff:
     """Bounded hand-off from the socket readers to the publisher.
 
-    Market data is bounded: when full, the oldest market event is dropped and counted.
-    Private events are never dropped: they queue without bound (and the depth shows in
-    health), because a lost order update costs more than memory.
+    Private events come first and are never dropped: they queue without bound (the depth shows
+    in health), because a lost order update costs more than memory. Market data is bounded.
+    While `conflate_at` market events wait, books and tickers conflate: a topic keeps one place
+    in the queue (a `Latest`), and the publisher gets its newest state as one snapshot when it
+    reaches that place, instead of every delta that led there. Trades, liquidations and klines
+    never conflate; only when the queue is full is the oldest market event dropped and counted.
     """
 
-    def __init__(self, market_limit: int, backpressure_at: int | None = None, max_read_pause: float = 0.5) -> None:
-        self.market: deque[Event] = deque()
+    def __init__(
+        self,
+        market_limit: int,
+        backpressure_at: int | None = None,
+        max_read_pause: float = 0.5,
+        conflate_at: int | None = None,
+        render: Callable[[DataFrame], Event | None] | None = None,
+    ) -> None:
+        self.market: deque[Event | Latest] = deque()
         self.private: deque[Event] = deque()
+        self.latest: dict[tuple[str, str], Latest] = {}  # the conflating topics' places in `market`
         self.market_limit = market_limit
         self.backpressure_at = backpressure_at if backpressure_at is not None else market_limit
+        self.conflate_at = conflate_at if conflate_at is not None else market_limit
         self.max_read_pause = max_read_pause
+        self.render = render  # Envelopes.latest
         self.dropped = 0
+        self.conflated = 0  # frames folded into their topic's newest state, never published alone
         self.read_pauses = 0
 
     def put(self, event: Event) -> None:
         if event.private:
             self.private.append(event)
-            return
+        else:
+            self.put_market(event)
+
+    def put_market(self, item: Event | Latest) -> None:
         if len(self.market) >= self.market_limit:
-            self.market.popleft()
+            oldest = self.market.popleft()
+            if type(oldest) is Latest:
+                del self.latest[oldest.key]
             self.dropped += 1
-        self.market.append(event)
+        self.market.append(item)
+
+    def offer(self, frame: DataFrame) -> int:
+        """Queue a data frame's events; return how many went in (0: folded into its topic's newest state)."""
+        if frame.conflatable and (self.latest or len(self.market) >= self.conflate_at):
+            key = (frame.category, frame.topic)
+            place = self.latest.get(key)
+            if place is not None:
+                place.frame = frame
+                self.conflated += 1
+                return 0
+            if len(self.market) >= self.conflate_at and self.render is not None:
+                self.latest[key] = place = Latest(key, frame)
+                self.put_market(place)
+                return 1
+        for event in frame.events:
+            self.put(event)
+        return len(frame.events)
 
     def take(self) -> Event | None:
         """Return the next event, private ones first, or None."""
         if self.private:
             return self.private.popleft()
-        if self.market:
-            return self.market.popleft()
+        while self.market:
+            item = self.market.popleft()
+            if type(item) is not Latest:
+                return item
+            del self.latest[item.key]
+            event = self.render(item.frame)  # type: ignore[misc]
+            if event is not None:
+                return event
+            self.dropped += 1  # the gateway left the topic meanwhile
         return None
 
     def __len__(self) -> int:

@@ -117,6 +117,7 @@ def status_record(gw: Gateway) -> dict[str, Any]:
             "spilled": publisher.confirms.spilled,
             "reordered": publisher.confirms.reordered,
             "dropped": gw.handoff.dropped + publisher.confirms.market_nack_drops,
+            "conflated": gw.handoff.conflated,
             "malformed": counters.malformed,
             "quarantined": counters.quarantined,
             "unencodable": publisher.unencodable,

@@ -309,3 +309,9 @@ def test_anything_in_the_unroutable_queue_warns() -> None:
         "warning",
         {"depth": 7},
     )
+
+
+def test_market_events_the_full_hand_off_dropped_warn_and_conflation_alone_does_not() -> None:
+    (alert,) = gateway_alerts(status(counters={"dropped": 40, "conflated": 9_000}), NOW)
+    assert (alert.name, alert.severity, alert.details) == ("gateway.market_dropped", "warning", {"events": 40})
+    assert gateway_alerts(status(counters={"dropped": 0, "conflated": 9_000}), NOW) == []

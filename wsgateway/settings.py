@@ -286,6 +286,8 @@ GATEWAY_REPLY_TIMEOUT = env_float("GATEWAY_REPLY_TIMEOUT", 10.0, 0.01)
 GATEWAY_RECONCILE_INTERVAL = env_float("GATEWAY_RECONCILE_INTERVAL", 5.0, 0.05)
 GATEWAY_HANDOFF_SIZE = env_int("GATEWAY_HANDOFF_SIZE", 50_000, 10)
 GATEWAY_CONFIRM_WINDOW = env_int("GATEWAY_CONFIRM_WINDOW", 2_000, 1)
+# While this many market events wait for the publisher, books and tickers conflate to their newest state.
+GATEWAY_CONFLATE_AT = env_int("GATEWAY_CONFLATE_AT", 1_000, 0)
 # Every queue and binding is declared again this often (and at once after a publisher reconnect
 # or a returned publish), so one deleted by an operator comes back by itself.
 GATEWAY_REDECLARE_INTERVAL = env_float("GATEWAY_REDECLARE_INTERVAL", 30.0, 0.1)

@@ -23,6 +23,7 @@ GATEWAY_FAMILIES = (
     "gateway.private_auth_failed",
     "gateway.quarantined",
     "gateway.backfill_failed",
+    "gateway.market_dropped",
     "queue.private_rejecting",
 )
 LEVELS = ("warning", "critical")
@@ -183,6 +184,9 @@ def gateway_alerts(status: dict[str, Any] | None, now: float) -> list[Alert]:
         # A RabbitMQ resource alarm (memory or disk): nothing is published until it clears.
         alerts.append(Alert("gateway.publisher.blocked", "gateway", "critical", {}))
     counters = status.get("counters") or {}
+    if counters.get("dropped"):
+        # The hand-off was full (conflation could not keep up): market events were lost to consumers.
+        alerts.append(Alert("gateway.market_dropped", "gateway", "warning", {"events": counters["dropped"]}))
     if counters.get("unencodable"):
         alerts.append(Alert("gateway.publisher.unencodable", "gateway", "warning", {"events": counters["unencodable"]}))
     balances = status.get("balances") or {}

@@ -37,6 +37,7 @@ GATEWAY_COUNTERS = {
     "spilled": ("wsgateway_gateway_spilled", "Private events sent to <queue>.overflow: its parked set was full"),
     "reordered": ("wsgateway_gateway_reordered", "Private events a queue took while an earlier one was refused"),
     "dropped": ("wsgateway_gateway_dropped", "Market events dropped by the hand-off policy"),
+    "conflated": ("wsgateway_gateway_conflated", "Book and ticker frames folded into their topic's newest state"),
     "malformed": ("wsgateway_gateway_malformed", "Bybit frames that could not be used"),
     "unencodable": ("wsgateway_gateway_unencodable", "Events AMQP cannot carry (routing key > 255 bytes), set aside"),
 }

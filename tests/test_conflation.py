@@ -1,0 +1,141 @@
+"""Overload: a hand-off that is behind sends each book's and ticker's newest state, never a backlog of deltas.
+
+Pure: frames go through Envelopes (with market state) into a Handoff, and what the publisher
+would take out is judged by a consumer that rebuilds every book from what it receives.
+"""
+
+from __future__ import annotations
+
+import random
+
+import orjson
+
+from streaming.envelope import DataFrame, Envelopes, Event
+from streaming.marketstate import MarketState, OrderBook
+from streaming.publisher import Handoff
+
+BOOK = "orderbook.50.BTCUSDT"
+
+
+def book_frames(count: int, seed: int = 7) -> list[str]:
+    """A snapshot of 50 levels a side, then `count` deltas (some deleting a level, some adding one)."""
+    rng = random.Random(seed)
+    bids = [f"{30_000 - i * 0.5:.1f}" for i in range(50)]
+    asks = [f"{30_001 + i * 0.5:.1f}" for i in range(50)]
+    data = {"s": "BTCUSDT", "b": [[p, "1.0"] for p in bids], "a": [[p, "1.0"] for p in asks], "u": 1, "seq": 1}
+    frames = [{"topic": BOOK, "type": "snapshot", "ts": 1_000, "data": data}]
+    for u in range(2, count + 2):
+        bid = [f"{30_000 - rng.randrange(70) * 0.5:.1f}", rng.choice(("0", "2.5", "0.3"))]
+        ask = [f"{30_001 + rng.randrange(70) * 0.5:.1f}", rng.choice(("0", "4"))]
+        delta = {"s": "BTCUSDT", "b": [bid], "a": [ask], "u": u, "seq": u}
+        frames.append({"topic": BOOK, "type": "delta", "ts": 1_000 + u, "data": delta})
+    return [orjson.dumps(frame).decode() for frame in frames]
+
+
+def gateway(conflate_at: int) -> tuple[Envelopes, Handoff]:
+    envelopes = Envelopes("run", MarketState())
+    return envelopes, Handoff(100_000, conflate_at=conflate_at, render=envelopes.latest)
+
+
+def offer(envelopes: Envelopes, handoff: Handoff, raw: str, category: str = "linear") -> int:
+    frame = envelopes.handle(raw, category)
+    assert isinstance(frame, DataFrame), frame
+    return handoff.offer(frame)
+
+
+def taken(handoff: Handoff) -> list[dict]:
+    bodies = []
+    while (event := handoff.take()) is not None:
+        bodies.append(orjson.loads(event.body))
+    return bodies
+
+
+def rebuild(bodies: list[dict]) -> OrderBook:
+    """What a consumer does: a snapshot replaces its book, a delta must follow on from the last `u`."""
+    book = OrderBook()
+    for body in bodies:
+        if body["type"] == "delta":
+            assert body["u"] == book.u + 1, f"a delta that does not follow: u {body['u']} after {book.u}"
+        book.apply(body["type"], body["data"])
+    return book
+
+
+def test_a_book_behind_is_sent_as_one_snapshot_of_its_newest_state_that_rebuilds_the_same_book() -> None:
+    envelopes, handoff = gateway(conflate_at=0)  # behind from the first frame
+    frames = book_frames(500)
+    queued = sum(offer(envelopes, handoff, raw) for raw in frames)
+    assert (queued, handoff.conflated, len(handoff)) == (1, 500, 1)
+    (body,) = taken(handoff)
+    assert (body["type"], body["conflated"], body["u"], body["exchange_ts"]) == ("snapshot", True, 501, 1_501)
+    received = rebuild([body])
+    truth = OrderBook()
+    for raw in frames:
+        message = orjson.loads(raw)
+        truth.apply(message["type"], message["data"])
+    assert received.top(100) == truth.top(100) and received.u == truth.u
+
+
+def test_deltas_after_a_conflated_snapshot_follow_on_from_it() -> None:
+    """Behind for a while, then caught up: snapshot, then deltas whose u goes on; the book stays exact."""
+    envelopes, handoff = gateway(conflate_at=3)
+    filler = orjson.dumps({"topic": "publicTrade.ETHUSDT", "ts": 1, "data": [{"p": "1", "v": "1"}]}).decode()
+    frames = book_frames(300)
+    received = []
+    for n, raw in enumerate(frames):
+        if n == 10:
+            for _ in range(3):  # a burst of trades puts the hand-off behind
+                offer(envelopes, handoff, filler)
+        offer(envelopes, handoff, raw)
+        if n % 50 == 49:  # the publisher catches up now and then
+            received += [b for b in taken(handoff) if b["class"] == "orderbook"]
+    received += [b for b in taken(handoff) if b["class"] == "orderbook"]
+    assert any(b.get("conflated") for b in received) and received[-1]["type"] == "delta"
+    truth = OrderBook()
+    for raw in frames:
+        message = orjson.loads(raw)
+        truth.apply(message["type"], message["data"])
+    rebuilt = rebuild(received)
+    assert rebuilt.top(100) == truth.top(100) and rebuilt.u == truth.u
+
+
+def test_a_ticker_behind_keeps_only_its_newest_merged_state() -> None:
+    envelopes, handoff = gateway(conflate_at=0)
+    ticker = "tickers.BTCUSDT"
+    first = {"symbol": "BTCUSDT", "lastPrice": "100", "volume24h": "5"}
+    messages = [{"topic": ticker, "type": "snapshot", "ts": 1, "cs": 1, "data": first}]
+    for n in range(2, 40):
+        change = {"symbol": "BTCUSDT", "lastPrice": str(100 + n)}
+        messages.append({"topic": ticker, "type": "delta", "ts": n, "cs": n, "data": change})
+    for message in messages:
+        offer(envelopes, handoff, orjson.dumps(message).decode())
+    (body,) = taken(handoff)
+    assert (body["type"], body["conflated"], body["exchange_ts"]) == ("snapshot", True, 39)
+    assert body["data"] == {"symbol": "BTCUSDT", "lastPrice": "139", "volume24h": "5"}
+
+
+def test_trades_never_conflate_and_private_events_go_first() -> None:
+    envelopes, handoff = gateway(conflate_at=0)
+    for n in range(50):
+        trade = {"topic": "publicTrade.BTCUSDT", "ts": n, "data": [{"i": str(n), "p": "1", "v": "1"}]}
+        offer(envelopes, handoff, orjson.dumps(trade).decode())
+    handoff.put(Event("order:1", "t", "order", "order.linear.BTCUSDT", b"{}", True, "order", 1))
+    bodies = [handoff.take()]
+    assert bodies[0] is not None and bodies[0].private  # an order update waits behind no market backlog
+    trades = taken(handoff)
+    assert [t["data"][0]["i"] for t in trades] == [str(n) for n in range(50)] and handoff.conflated == 0
+
+
+def test_a_topic_left_while_it_waited_is_counted_not_sent() -> None:
+    envelopes, handoff = gateway(conflate_at=0)
+    for raw in book_frames(5):
+        offer(envelopes, handoff, raw)
+    assert envelopes.state is not None
+    envelopes.state.forget("linear", {BOOK})
+    assert taken(handoff) == [] and handoff.dropped == 1
+
+
+def test_below_the_threshold_every_delta_is_sent() -> None:
+    envelopes, handoff = gateway(conflate_at=1_000)
+    frames = book_frames(200)
+    assert sum(offer(envelopes, handoff, raw) for raw in frames) == 201 and handoff.conflated == 0
+    assert [b["u"] for b in taken(handoff)] == list(range(1, 202))
