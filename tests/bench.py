@@ -1,6 +1,6 @@
 """`make bench`: every benchmark in one run on this machine; a table, and bench-results.json.
 
-usage: python -m tests.bench [all|publish|sim|gateway|orderbook]
+usage: python -m tests.bench [all|publish|sim|gateway|overload|orderbook]
 Figures are meant to be read as ratios against baselines measured in the same run: the
 machine is shared and noisy.
 """
@@ -34,7 +34,7 @@ def table(rows: list[tuple[str, Any, str]]) -> str:
 
 def main(which: str) -> dict[str, Any]:
     setup_django()
-    from tests import bench_gateway, bench_orderbook, bench_publish, bench_sim
+    from tests import bench_gateway, bench_orderbook, bench_overload, bench_publish, bench_sim
 
     results: dict[str, Any] = {}
     rows: list[tuple[str, Any, str]] = []
@@ -56,7 +56,8 @@ def main(which: str) -> dict[str, Any]:
             ("    Publisher CPU us/msg", publish["publisher_cpu_us"], ""),
         ]
     if which in ("all", "gateway"):
-        full = bench_gateway.run_path(200, "max", 10)
+        # (b) measures the hot path, one event per frame: conflation off (the overload run below has it on).
+        full = bench_gateway.run_path(200, "max", 10, {"GATEWAY_CONFLATE_AT": bench_overload.NEVER})
         paced = bench_gateway.run_path(40, "1", 10)
         memory = bench_gateway.run_path(500, "0.2", 10)
         raw = results.get("raw_publish_per_s") or 1
@@ -110,10 +111,34 @@ def main(which: str) -> dict[str, Any]:
             ("(d) CPU us/event", memory["cpu_us_per_event"], "500 topics subscribed, 5,000 events/s"),
             ("    peak RSS MB", memory["rss_mb"], ""),
         ]
+    if which in ("all", "overload"):
+        # Twice the rate (b) sustained, as a multiplier of Bybit's 20 ms cadence for 200 books (10,000/s).
+        sustained = results.get("gateway_per_s") or 10_000
+        rate = f"{2 * sustained / 10_000:.2f}"
+        overload = bench_overload.run(20.0, rate)
+        on, off = overload["conflating"], overload["backpressure_only"]
+        results.update(
+            overload=overload,
+            overload_rate=rate,
+            overload_p99_ms=on["latency_p99_ms"],
+            overload_read_lag_p99_ms=on["read_lag_p99_ms"],
+            overload_books_inconsistent=on["gaps_seen"],
+            overload_lost=on["lost"],
+        )
+        rows += [
+            ("overload p99 ms", on["latency_p99_ms"], f"200 books at x{rate} Bybit's cadence, 20 s, conflating"),
+            ("    read lag p99 ms", on["read_lag_p99_ms"], "Bybit's ts -> the gateway read the frame"),
+            ("    frames read /s", on["frames_in_per_s"], f"published {on['gateway_per_s']}/s"),
+            ("    books inconsistent", on["gaps_seen"], f"lost {on['lost']}, dropped {on['dropped']}"),
+            ("    same, no conflation p99", off["latency_p99_ms"], f"read lag p99 {off['read_lag_p99_ms']} ms, "
+             f"read {off['frames_in_per_s']}/s"),
+        ]  # fmt: skip
     if which in ("all", "orderbook"):
         books = bench_orderbook.run()
         without = bench_gateway.run_path(200, "max", 10, {"GATEWAY_ORDERBOOKS": "false"})
-        with_books = results.get("full") or bench_gateway.run_path(200, "max", 10)
+        with_books = results.get("full") or bench_gateway.run_path(
+            200, "max", 10, {"GATEWAY_CONFLATE_AT": bench_overload.NEVER}
+        )
         results.update(books, gateway_no_books_per_s=without["gateway_per_s"])
         rows += [
             ("frame path us (50 levels)", books["frame_path_us"], "parse, envelope, book, cache mark: in process"),

@@ -23,7 +23,8 @@ def consume(url: str, queue: str, results: Connection, idle_stop: float = 1.5) -
     channel = conn.channel()
     channel.basic_qos(0, 5000, False)
     last_u: dict[str, int] = {}
-    tally: dict[str, Any] = {"received": 0, "gaps": 0, "duplicates": 0, "latencies_ms": [], "first_at": None}
+    tally: dict[str, Any] = {"received": 0, "gaps": 0, "duplicates": 0, "latencies_ms": [], "read_lags_ms": [],
+                             "first_at": None}  # fmt: skip
     seen_ids: set[str] = set()
 
     def on_message(message: amqp.Message) -> None:
@@ -43,6 +44,7 @@ def consume(url: str, queue: str, results: Connection, idle_stop: float = 1.5) -
             tally["gaps"] += 1
         last_u[topic] = u
         tally["latencies_ms"].append(now * 1000 - event["exchange_ts"])
+        tally["read_lags_ms"].append(event["received_ts"] - event["exchange_ts"])  # Bybit's ts -> the gateway read it
 
     channel.basic_consume(queue, callback=on_message, no_ack=True)
     stopping = False
@@ -50,7 +52,7 @@ def consume(url: str, queue: str, results: Connection, idle_stop: float = 1.5) -
     while True:
         if not stopping and results.poll():
             if results.recv() == "measure":
-                tally["latencies_ms"] = []
+                tally["latencies_ms"], tally["read_lags_ms"] = [], []
             else:
                 stopping, idle_since = True, time.monotonic()
         try:

@@ -168,6 +168,7 @@ def run_path(symbols: int, rate: str, seconds: float, gateway_env: dict[str, str
         ["run_gateway"],
         {"BYBIT_WS_URL": f"ws://127.0.0.1:{sim_port}", "QUEUE_MAX_LENGTH_ORDERBOOK": "0", **(gateway_env or {})},
     )
+    consumer = None
     try:
         wait_live(symbols)
         parent, child = multiprocessing.Pipe()
@@ -195,7 +196,7 @@ def run_path(symbols: int, rate: str, seconds: float, gateway_env: dict[str, str
         cpu_used = {name: cpu_of(pids) - cpu_before[name] for name, pids in parts.items()}
         cpu_used["gateway"] = cpu1 - cpu0
         simulator.send_signal(signal.SIGTERM)
-        simulator.wait(15)
+        simulator.wait(60)  # under overload it first writes out what it has queued for the gateway
         gateway.send_signal(signal.SIGTERM)
         exit_code = gateway.wait(15)
         final = gateway_status()["counters"]
@@ -206,8 +207,11 @@ def run_path(symbols: int, rate: str, seconds: float, gateway_env: dict[str, str
         for process in (simulator, gateway):
             if process.poll() is None:
                 process.kill()
+        if consumer is not None and consumer.is_alive():  # a failed run must not leave it reading forever
+            consumer.kill()
     confirmed = after["confirmed"] - before["confirmed"]
     latencies = sorted(tally["latencies_ms"])
+    read_lags = sorted(tally["read_lags_ms"])
     return {
         "gateway_per_s": round(confirmed / elapsed),
         "frames_in_per_s": round((after["frames_in"] - before["frames_in"]) / elapsed),
@@ -225,6 +229,7 @@ def run_path(symbols: int, rate: str, seconds: float, gateway_env: dict[str, str
         "latency_p50_ms": round(statistics.median(latencies), 2) if latencies else None,
         "latency_p99_ms": round(latencies[int(len(latencies) * 0.99) - 1], 2) if latencies else None,
         "latency_max_ms": round(latencies[-1], 2) if latencies else None,
+        "read_lag_p99_ms": round(read_lags[int(len(read_lags) * 0.99) - 1], 2) if read_lags else None,
         "consumer_received": tally["received"],
         # Cores busy over the measured window, per process and in all (this machine has os.cpu_count()).
         "cores_busy": {name: round(used / elapsed, 2) for name, used in cpu_used.items()},
