@@ -34,7 +34,7 @@ def table(rows: list[tuple[str, Any, str]]) -> str:
 
 def main(which: str) -> dict[str, Any]:
     setup_django()
-    from tests import bench_gateway, bench_orderbook, bench_publish, bench_sim
+    from tests import bench_gateway, bench_orderbook, bench_overload, bench_publish, bench_sim
 
     results: dict[str, Any] = {}
     rows: list[tuple[str, Any, str]] = []
@@ -59,6 +59,8 @@ def main(which: str) -> dict[str, Any]:
         full = bench_gateway.run_path(200, "max", 10)
         paced = bench_gateway.run_path(40, "1", 10)
         memory = bench_gateway.run_path(500, "0.2", 10)
+        # (e) twice what (b) sustained, books, tickers and trades of 200 symbols, orders meanwhile.
+        overload = bench_overload.run(2 * full["gateway_per_s"], 20.0)
         raw = results.get("raw_publish_per_s") or 1
         # The floor: the gateway's two I/O ends, measured in this run. Reading (b)'s frames with a
         # plain websockets client, and one packed publish (the Publisher alone, above).
@@ -81,9 +83,15 @@ def main(which: str) -> dict[str, Any]:
             latency_max_ms=paced["latency_max_ms"],
             cpu_us_per_event=memory["cpu_us_per_event"],
             rss_mb=memory["rss_mb"],
+            overload_p99_ms=overload["p99_ms"],
+            overload_trades_lost=overload["trades_lost"],
+            overload_books_inconsistent=overload["books_inconsistent"],
+            overload_private_p99_ms=overload["private_p99_ms"],
+            overload_read_lag_p99_ms=overload["read_lag_p99_ms"],
             full=full,
             latency=paced,
             memory=memory,
+            overload=overload,
         )
         rows += [
             (
@@ -109,6 +117,21 @@ def main(which: str) -> dict[str, Any]:
             ("    latency max ms", paced["latency_max_ms"], ""),
             ("(d) CPU us/event", memory["cpu_us_per_event"], "500 topics subscribed, 5,000 events/s"),
             ("    peak RSS MB", memory["rss_mb"], ""),
+            (
+                "(e) overload offered/s",
+                overload["offered_per_s"],
+                f"2x (b); 200 symbols' books, tickers, trades; {overload['seconds']} s",
+            ),
+            ("    delivered/s", overload["delivered_per_s"], f"{overload['conflated']} book/ticker frames conflated"),
+            ("    p50 / p99 ms", f"{overload['p50_ms']} / {overload['p99_ms']}", "exchange ts -> consumer"),
+            ("    read lag p99 ms", overload["read_lag_p99_ms"], "exchange ts -> frame read by the gateway"),
+            ("    trades lost", overload["trades_lost"], f"of {overload['trade_messages_sent']} the simulator sent"),
+            ("    books inconsistent", overload["books_inconsistent"], f"of {overload['books']} rebuilt"),
+            (
+                "    private p99 ms",
+                overload["private_p99_ms"],
+                f"{overload['orders_received']} of {overload['orders_sent']} orders",
+            ),
         ]
     if which in ("all", "orderbook"):
         books = bench_orderbook.run()
