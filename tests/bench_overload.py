@@ -165,11 +165,11 @@ def emit_orders(control: str, stop: threading.Event, per_second: float, sent: li
         body = {"symbol": "BTCUSDT", "category": "linear", "price": str(100 + n)}
         reply = requests.post(f"{control}/control/orders", json=body, timeout=5)
         reply.raise_for_status()
-        sent.append(reply.json()["id"])
+        sent.append(reply.json()["result"]["id"])
 
 
 def sim_sent(control: str) -> dict[str, int]:
-    return requests.get(f"{control}/control/stats", timeout=10).json()["sent"]
+    return requests.get(f"{control}/control/stats", timeout=10).json()["result"]["sent"]
 
 
 def run(events_per_s: float, seconds: float = 20.0, symbols: int = 200) -> dict[str, Any]:
@@ -191,7 +191,7 @@ def run(events_per_s: float, seconds: float = 20.0, symbols: int = 200) -> dict[
     try:
         bg.wait_live(symbols * 3 + 1)
         parent, child = multiprocessing.Pipe()
-        consumer = multiprocessing.get_context("spawn").Process(target=consume, args=(bg.AMQP_URL, child))
+        consumer = multiprocessing.get_context("spawn").Process(target=consume, args=(bg.AMQP_URL, child), daemon=True)
         consumer.start()
         time.sleep(3.0)  # warm-up: sockets subscribed, snapshots through
         status_before, sent_before = bg.gateway_status(), sim_sent(control)
