@@ -98,11 +98,11 @@ def consume(url: str, results: Connection, idle_stop: float = 2.0) -> None:
         now = time.time() * 1000
         event = orjson.loads(message.body)
         tally["received"] += 1
-        cls = event["class"]
-        if measuring[0]:
-            latencies[cls].append(now - event["exchange_ts"])
+        cls, exchange_ts = event["class"], event.get("exchange_ts")
+        if measuring[0] and exchange_ts is not None:  # a back-fill's resync marker has no exchange time
+            latencies.setdefault(cls, []).append(now - exchange_ts)
             if cls != "order":
-                latencies["read_lag"].append(event["received_ts"] - event["exchange_ts"])
+                latencies["read_lag"].append(event["received_ts"] - exchange_ts)
         if cls == "orderbook":
             topic, data = event["topic"], event["data"]
             if event.get("conflated"):
@@ -193,6 +193,7 @@ def run(events_per_s: float, seconds: float = 20.0, symbols: int = 200) -> dict[
         parent, child = multiprocessing.Pipe()
         consumer = multiprocessing.get_context("spawn").Process(target=consume, args=(bg.AMQP_URL, child), daemon=True)
         consumer.start()
+        child.close()  # so a consumer that dies ends parent.recv() with EOFError
         time.sleep(3.0)  # warm-up: sockets subscribed, snapshots through
         status_before, sent_before = bg.gateway_status(), sim_sent(control)
         before = status_before["counters"]
