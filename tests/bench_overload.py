@@ -16,6 +16,7 @@ import threading
 import time
 from multiprocessing.connection import Connection
 from typing import Any
+from urllib.parse import quote
 
 import amqp
 import orjson
@@ -172,6 +173,12 @@ def sim_sent(control: str) -> dict[str, int]:
     return requests.get(f"{control}/control/stats", timeout=10).json()["result"]["sent"]
 
 
+def broker_backlog() -> int:
+    """Messages waiting in the bench vhost's queues (RabbitMQ's view, refreshed every few seconds)."""
+    url = f"http://127.0.0.1:15672/api/queues/{quote(bg.VHOST, safe='')}"
+    return sum(q.get("messages", 0) for q in requests.get(url, auth=("guest", "guest"), timeout=10).json())
+
+
 def run(events_per_s: float, seconds: float = 20.0, symbols: int = 200) -> dict[str, Any]:
     """`events_per_s` offered (books, tickers, trades of `symbols` symbols) for `seconds`, orders at 20/s."""
     rate = events_per_s / (EVENTS_PER_SYMBOL * symbols)
@@ -203,7 +210,13 @@ def run(events_per_s: float, seconds: float = 20.0, symbols: int = 200) -> dict[
         emitter = threading.Thread(target=emit_orders, args=(control, stop, 20.0, orders))
         t0 = time.monotonic()
         emitter.start()
-        time.sleep(seconds)
+        handoff, in_flight = [], []
+        while time.monotonic() - t0 < seconds:
+            time.sleep(0.5)
+            status = bg.gateway_status()
+            handoff.append(status["handoff_depth"])
+            in_flight.append(status["in_flight"])
+        backlog = broker_backlog()
         stop.set()
         emitter.join()
         parent.send("stop")
@@ -258,6 +271,10 @@ def run(events_per_s: float, seconds: float = 20.0, symbols: int = 200) -> dict[
         "read_pauses": status_after["read_pauses"] - status_before["read_pauses"],
         "cpu_us_per_frame_in": round((cpu1 - cpu0) / max(1, after["frames_in"] - before["frames_in"]) * 1e6, 1),
         "rss_mb": round(rss, 1),
+        "handoff_depth_max": max(handoff),
+        "handoff_depth_median": statistics.median(handoff),
+        "in_flight_median": statistics.median(in_flight),
+        "broker_backlog_at_end": backlog,
     }
 
 
