@@ -76,8 +76,8 @@ def percentile(values: list[float], q: float) -> float | None:
     return round(ordered[max(0, int(len(ordered) * q) - 1)], 1)
 
 
-def consume(url: str, results: Connection, idle_stop: float = 2.0) -> None:
-    """Read the bench service's four queues until told to stop and they stay idle; send the tallies back.
+def consume(url: str, classes: tuple[str, ...], results: Connection, idle_stop: float = 2.0) -> None:
+    """Read the bench service's queues of `classes` until told to stop and they stay idle; send the tallies back.
 
     Latencies count only from the "measure" message until "stop" (the overload window).
     """
@@ -131,7 +131,7 @@ def consume(url: str, results: Connection, idle_stop: float = 2.0) -> None:
         elif cls == "order":
             tally["orders"] += 1
 
-    for cls in CLASSES:
+    for cls in classes:
         channel.basic_consume(f"ws-gateway.{bg.SERVICE}.{cls}", callback=on_message, no_ack=True)
     stopping = False
     idle_since = time.monotonic()
@@ -197,14 +197,23 @@ def run(events_per_s: float, seconds: float = 20.0, symbols: int = 200) -> dict[
     gateway = bg.start(["run_gateway"], gateway_env)
     try:
         bg.wait_live(symbols * 3 + 1)
-        parent, child = multiprocessing.Pipe()
-        consumer = multiprocessing.get_context("spawn").Process(target=consume, args=(bg.AMQP_URL, child), daemon=True)
-        consumer.start()
-        child.close()  # so a consumer that dies ends parent.recv() with EOFError
+        # Market data and orders each have their own consumer, as a trading service would: an order
+        # must not wait behind market messages in one consumer's socket.
+        pipes, consumers = [], []
+        for classes in (CLASSES[:3], CLASSES[3:]):
+            parent, child = multiprocessing.Pipe()
+            consumer = multiprocessing.get_context("spawn").Process(
+                target=consume, args=(bg.AMQP_URL, classes, child), daemon=True
+            )
+            consumer.start()
+            child.close()  # so a consumer that dies ends parent.recv() with EOFError
+            pipes.append(parent)
+            consumers.append(consumer)
         time.sleep(3.0)  # warm-up: sockets subscribed, snapshots through
         status_before, sent_before = bg.gateway_status(), sim_sent(control)
         before = status_before["counters"]
-        parent.send("measure")
+        for parent in pipes:
+            parent.send("measure")
         cpu0, _ = bg.proc_stats(gateway.pid)
         stop, orders = threading.Event(), []
         emitter = threading.Thread(target=emit_orders, args=(control, stop, 20.0, orders))
@@ -219,7 +228,8 @@ def run(events_per_s: float, seconds: float = 20.0, symbols: int = 200) -> dict[
         backlog = broker_backlog()
         stop.set()
         emitter.join()
-        parent.send("stop")
+        for parent in pipes:
+            parent.send("stop")
         elapsed = time.monotonic() - t0
         cpu1, rss = bg.proc_stats(gateway.pid)
         status_after = bg.gateway_status()
@@ -227,8 +237,9 @@ def run(events_per_s: float, seconds: float = 20.0, symbols: int = 200) -> dict[
         # The market feed stops (a simulator stall), then what it sent is read and the consumer drains.
         requests.post(f"{control}/control/faults/stall", json={"seconds": 60}, timeout=10).raise_for_status()
         sent = sim_sent(control)
-        tally = parent.recv()
-        consumer.join(10)
+        tally, private_tally = (parent.recv() for parent in pipes)
+        for consumer in consumers:
+            consumer.join(10)
         gateway.send_signal(signal.SIGTERM)
         gateway.wait(15)
         simulator.send_signal(signal.SIGTERM)
@@ -240,7 +251,7 @@ def run(events_per_s: float, seconds: float = 20.0, symbols: int = 200) -> dict[
     market_sent = sum(n - sent_before.get(key, 0) for key, n in sent.items() if not key.startswith("private:"))
     trades_sent = {key.split(":", 1)[1]: n for key, n in sent.items() if ":publicTrade." in key}
     trades_lost = sum(max(0, n - tally["trade_messages"].get(topic, 0)) for topic, n in trades_sent.items())
-    lat = tally["latencies"]
+    lat = {**tally["latencies"], "order": private_tally["latencies"]["order"]}
     market_lat = lat["orderbook"] + lat["ticker"] + lat["trade"]
     return {
         "offered_per_s": round(market_sent / elapsed),
@@ -257,7 +268,7 @@ def run(events_per_s: float, seconds: float = 20.0, symbols: int = 200) -> dict[
         "private_p99_ms": percentile(lat["order"], 0.99),
         "private_max_ms": round(max(lat["order"]), 1) if lat["order"] else None,
         "orders_sent": len(orders),
-        "orders_received": tally["orders"],
+        "orders_received": private_tally["orders"],
         "trade_messages_sent": sum(trades_sent.values()),
         "trades_lost": trades_lost,
         "trade_seq_holes": tally["trade_seq_holes"],
