@@ -172,7 +172,12 @@ def test_retention_critical_clears_after_drain_with_one_post_per_crossing(worker
         "queue.retention.critical:firing",
     ]
     publish(channel, 30)  # 27 over the limit: drop-head discards the oldest
-    wait_management(rabbit, lambda q: q.get("message_stats", {}).get("publish") == 127, "127 published")
+    # The management API updates its counters and its depths at different moments: wait for both.
+    wait_management(
+        rabbit,
+        lambda q: q.get("message_stats", {}).get("publish") == 127 and q.get("messages_ready") == 100,
+        "127 published, 100 kept",
+    )
     assert run(tasks.monitor_queues)["events"] == []
     sample = QueueSample.objects.filter(queue=QUEUE).latest()
     assert (sample.ready, sample.status, sample.dropped_estimate) == (100, "critical", 27)
