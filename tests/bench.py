@@ -1,6 +1,6 @@
 """`make bench`: every benchmark in one run on this machine; a table, and bench-results.json.
 
-usage: python -m tests.bench [all|publish|sim|gateway|overload|orderbook]
+usage: python -m tests.bench [all|publish|sim|gateway|orderbook]
 Figures are meant to be read as ratios against baselines measured in the same run: the
 machine is shared and noisy.
 """
@@ -15,6 +15,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench-results.json"
+NO_CONFLATION = {"GATEWAY_CONFLATE_AT": str(10**9)}  # a hand-off depth never reached: one event per frame
 
 
 def setup_django() -> None:
@@ -57,9 +58,11 @@ def main(which: str) -> dict[str, Any]:
         ]
     if which in ("all", "gateway"):
         # (b) measures the hot path, one event per frame: conflation off (the overload run below has it on).
-        full = bench_gateway.run_path(200, "max", 10, {"GATEWAY_CONFLATE_AT": bench_overload.NEVER})
+        full = bench_gateway.run_path(200, "max", 10, NO_CONFLATION)
         paced = bench_gateway.run_path(40, "1", 10)
         memory = bench_gateway.run_path(500, "0.2", 10)
+        # (e) twice what (b) sustained, books, tickers and trades of 200 symbols, orders meanwhile.
+        overload = bench_overload.run(2 * full["gateway_per_s"], 20.0)
         raw = results.get("raw_publish_per_s") or 1
         # The floor: the gateway's two I/O ends, measured in this run. Reading (b)'s frames with a
         # plain websockets client, and one packed publish (the Publisher alone, above).
@@ -82,9 +85,15 @@ def main(which: str) -> dict[str, Any]:
             latency_max_ms=paced["latency_max_ms"],
             cpu_us_per_event=memory["cpu_us_per_event"],
             rss_mb=memory["rss_mb"],
+            overload_p99_ms=overload["p99_ms"],
+            overload_trades_lost=overload["trades_lost"],
+            overload_books_inconsistent=overload["books_inconsistent"],
+            overload_private_p99_ms=overload["private_p99_ms"],
+            overload_read_lag_p99_ms=overload["read_lag_p99_ms"],
             full=full,
             latency=paced,
             memory=memory,
+            overload=overload,
         )
         rows += [
             (
@@ -110,35 +119,26 @@ def main(which: str) -> dict[str, Any]:
             ("    latency max ms", paced["latency_max_ms"], ""),
             ("(d) CPU us/event", memory["cpu_us_per_event"], "500 topics subscribed, 5,000 events/s"),
             ("    peak RSS MB", memory["rss_mb"], ""),
+            (
+                "(e) overload offered/s",
+                overload["offered_per_s"],
+                f"2x (b); 200 symbols' books, tickers, trades; {overload['seconds']} s",
+            ),
+            ("    delivered/s", overload["delivered_per_s"], f"{overload['conflated']} book/ticker frames conflated"),
+            ("    p50 / p99 ms", f"{overload['p50_ms']} / {overload['p99_ms']}", "exchange ts -> consumer"),
+            ("    read lag p99 ms", overload["read_lag_p99_ms"], "exchange ts -> frame read by the gateway"),
+            ("    trades lost", overload["trades_lost"], f"of {overload['trade_messages_sent']} the simulator sent"),
+            ("    books inconsistent", overload["books_inconsistent"], f"of {overload['books']} rebuilt"),
+            (
+                "    private p99 ms",
+                overload["private_p99_ms"],
+                f"{overload['orders_received']} of {overload['orders_sent']} orders",
+            ),
         ]
-    if which in ("all", "overload"):
-        # Twice the rate (b) sustained, as a multiplier of Bybit's 20 ms cadence for 200 books (10,000/s).
-        sustained = results.get("gateway_per_s") or 10_000
-        rate = f"{2 * sustained / 10_000:.2f}"
-        overload = bench_overload.run(20.0, rate)
-        on, off = overload["conflating"], overload["backpressure_only"]
-        results.update(
-            overload=overload,
-            overload_rate=rate,
-            overload_p99_ms=on["latency_p99_ms"],
-            overload_read_lag_p99_ms=on["read_lag_p99_ms"],
-            overload_books_inconsistent=on["gaps_seen"],
-            overload_lost=on["lost"],
-        )
-        rows += [
-            ("overload p99 ms", on["latency_p99_ms"], f"200 books at x{rate} Bybit's cadence, 20 s, conflating"),
-            ("    read lag p99 ms", on["read_lag_p99_ms"], "Bybit's ts -> the gateway read the frame"),
-            ("    frames read /s", on["frames_in_per_s"], f"published {on['gateway_per_s']}/s"),
-            ("    books inconsistent", on["gaps_seen"], f"lost {on['lost']}, dropped {on['dropped']}"),
-            ("    same, no conflation p99", off["latency_p99_ms"], f"read lag p99 {off['read_lag_p99_ms']} ms, "
-             f"read {off['frames_in_per_s']}/s"),
-        ]  # fmt: skip
     if which in ("all", "orderbook"):
         books = bench_orderbook.run()
         without = bench_gateway.run_path(200, "max", 10, {"GATEWAY_ORDERBOOKS": "false"})
-        with_books = results.get("full") or bench_gateway.run_path(
-            200, "max", 10, {"GATEWAY_CONFLATE_AT": bench_overload.NEVER}
-        )
+        with_books = results.get("full") or bench_gateway.run_path(200, "max", 10, NO_CONFLATION)
         results.update(books, gateway_no_books_per_s=without["gateway_per_s"])
         rows += [
             ("frame path us (50 levels)", books["frame_path_us"], "parse, envelope, book, cache mark: in process"),

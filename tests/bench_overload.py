@@ -1,33 +1,301 @@
-"""Overload: the simulator at max rate, far past what the path sustains, with and without conflation.
+"""Benchmark (e): the gateway under overload, judged by an independent consumer.
 
-`make bench` runs it; alone: `python -m tests.bench_overload`. The consumer checks that every
-book it rebuilds follows on (`u` continuity after each snapshot) and times each event from
-Bybit's `ts` to its receipt.
+The simulator pushes books, tickers and trades of `symbols` linear symbols at a fixed rate
+(twice what the gateway sustained in (b)), and order events through its control API. The
+consumer knows nothing of the gateway's counters: it rebuilds every book from what it receives
+(a delta must follow on from the `u` before it; a book must never cross), and counts each trade
+topic's messages against what the simulator says it sent.
 """
 
 from __future__ import annotations
 
-import os
-import sys
+import multiprocessing
+import signal
+import statistics
+import threading
+import time
+from multiprocessing.connection import Connection
 from typing import Any
+from urllib.parse import quote
 
-from tests import bench_gateway
+import amqp
+import orjson
+import psycopg
+import requests
 
-KEYS = ("gateway_per_s", "frames_in_per_s", "latency_p50_ms", "latency_p99_ms", "read_lag_p99_ms", "lost", "dropped",
-        "gaps_seen", "cpu_us_per_event", "received_unique", "events")  # fmt: skip
-NEVER = str(10**9)  # a GATEWAY_CONFLATE_AT no hand-off reaches: conflation off
+from tests import bench_gateway as bg
+
+# Bybit's cadence per linear symbol at rate 1: book.50 every 20 ms, ticker and trades every 100 ms.
+EVENTS_PER_SYMBOL = 50 + 10 + 10
+API_KEY, API_SECRET = "bench-key", "bench-secret"
+CLASSES = ("orderbook", "ticker", "trade", "order")
 
 
-def run(seconds: float = 20.0, rate: str = "2") -> dict[str, Any]:
-    conflating = bench_gateway.run_path(200, rate, seconds)
-    backpressure = bench_gateway.run_path(200, rate, seconds, {"GATEWAY_CONFLATE_AT": NEVER})
-    return {"conflating": {k: conflating[k] for k in KEYS}, "backpressure_only": {k: backpressure[k] for k in KEYS}}
+def subscribe_all(symbols: int) -> None:
+    """Books, tickers and trades of `symbols` linear symbols, and orders, for the bench service."""
+    from subscriptions import topics
+
+    wanted = [("order", "", "", None)]
+    for i in range(1, symbols + 1):
+        symbol = f"SYM{i:04d}USDT"
+        wanted += [("orderbook", "linear", symbol, 50), ("ticker", "linear", symbol, None),
+                   ("trades", "linear", symbol, None)]  # fmt: skip
+    rows = []
+    for channel, category, symbol, depth in wanted:
+        topic = topics.resolve(channel, category, symbol, depth)
+        rows.append((bg.SERVICE, channel, topic.category, topic.symbol, depth, "", topic.event_class,
+                     topic.bybit_topic, topic.routing_key, topic.queue_name(bg.SERVICE), "pending", ""))  # fmt: skip
+    with psycopg.connect(f"postgresql://postgres@127.0.0.1:5432/{bg.DB_NAME}", autocommit=True) as conn:
+        conn.execute("DELETE FROM subscriptions_subscription")
+        with conn.cursor() as cur:
+            cur.executemany(
+                "INSERT INTO subscriptions_subscription (id, service_name, channel, category, symbol, depth, interval,"
+                " event_class, bybit_topic, routing_key, queue_name, status, error, created_at, updated_at)"
+                " VALUES (gen_random_uuid(), %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, now(), now())",
+                rows,
+            )
+
+
+def apply_levels(side: dict[str, str], levels: list[list[str]]) -> None:
+    for price, size in levels:
+        if float(size) == 0:
+            side.pop(price, None)
+        else:
+            side[price] = size
+
+
+def is_crossed(book: dict[str, dict[str, str]]) -> bool:
+    bids, asks = book["b"], book["a"]
+    return bool(bids and asks) and max(map(float, bids)) >= min(map(float, asks))
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return round(ordered[max(0, int(len(ordered) * q) - 1)], 1)
+
+
+def consume(url: str, classes: tuple[str, ...], results: Connection, idle_stop: float = 2.0) -> None:
+    """Read the bench service's queues of `classes` until told to stop and they stay idle; send the tallies back.
+
+    Latencies count only from the "measure" message until "stop" (the overload window).
+    """
+    from streaming.publisher import amqp_params
+
+    conn = amqp.Connection(**amqp_params(url))
+    conn.connect()
+    channel = conn.channel()
+    channel.basic_qos(0, 5000, False)
+    books: dict[str, dict[str, Any]] = {}
+    trade_messages: dict[str, set[int]] = {}
+    trade_seqs: dict[str, set[int]] = {}
+    tally: dict[str, Any] = {"received": 0, "books_inconsistent": 0, "gaps": 0, "crossed": 0, "conflated": 0,
+                             "delta_before_snapshot": 0, "orders": 0}  # fmt: skip
+    latencies: dict[str, list[float]] = {name: [] for name in (*CLASSES, "read_lag")}
+    measuring = [False]
+
+    def on_message(message: amqp.Message) -> None:
+        now = time.time() * 1000
+        event = orjson.loads(message.body)
+        tally["received"] += 1
+        cls, exchange_ts = event["class"], event.get("exchange_ts")
+        if measuring[0] and exchange_ts is not None:  # a back-fill's resync marker has no exchange time
+            latencies.setdefault(cls, []).append(now - exchange_ts)
+            if cls != "order":
+                latencies["read_lag"].append(event["received_ts"] - exchange_ts)
+        if cls == "orderbook":
+            topic, data = event["topic"], event["data"]
+            if event.get("conflated"):
+                tally["conflated"] += 1
+            if event["type"] == "snapshot":
+                book = books[topic] = {"u": event["u"], "b": {}, "a": {}, "bad": False}
+            else:
+                book = books.get(topic)
+                if book is None:
+                    tally["delta_before_snapshot"] += 1
+                    return
+                if event["u"] != book["u"] + 1:
+                    tally["gaps"] += 1
+                    book["bad"] = True
+                book["u"] = event["u"]
+            apply_levels(book["b"], data["b"])
+            apply_levels(book["a"], data["a"])
+            if is_crossed(book):
+                tally["crossed"] += 1
+                book["bad"] = True
+        elif cls == "trade":
+            seqs = [item["seq"] for item in event["data"]]
+            trade_messages.setdefault(event["topic"], set()).add(seqs[0])
+            trade_seqs.setdefault(event["topic"], set()).update(seqs)
+        elif cls == "order":
+            tally["orders"] += 1
+
+    for cls in classes:
+        channel.basic_consume(f"ws-gateway.{bg.SERVICE}.{cls}", callback=on_message, no_ack=True)
+    stopping = False
+    idle_since = time.monotonic()
+    while True:
+        if not stopping and results.poll():
+            command = results.recv()
+            if command == "measure":
+                measuring[0] = True
+            else:
+                measuring[0], stopping, idle_since = False, True, time.monotonic()
+        try:
+            conn.drain_events(timeout=0.2)
+            idle_since = time.monotonic()
+        except TimeoutError:
+            if stopping and time.monotonic() - idle_since > idle_stop:
+                break
+    conn.close()
+    tally["books_inconsistent"] = sum(1 for book in books.values() if book["bad"]) + tally["delta_before_snapshot"]
+    tally["books"] = len(books)
+    tally["trade_messages"] = {topic: len(firsts) for topic, firsts in trade_messages.items()}
+    # Trade seq is +1 per trade from 1 (simulator): a hole below the highest seq received is a lost trade.
+    tally["trade_seq_holes"] = sum(max(seqs) - len(seqs) for seqs in trade_seqs.values())
+    tally["latencies"] = {name: values for name, values in latencies.items()}
+    results.send(tally)
+
+
+def emit_orders(control: str, stop: threading.Event, per_second: float, sent: list[str]) -> None:
+    """Order events through the simulator's control API, `per_second`, until `stop`."""
+    n = 0
+    while not stop.wait(1 / per_second):
+        n += 1
+        body = {"symbol": "BTCUSDT", "category": "linear", "price": str(100 + n)}
+        reply = requests.post(f"{control}/control/orders", json=body, timeout=5)
+        reply.raise_for_status()
+        sent.append(reply.json()["result"]["id"])
+
+
+def sim_sent(control: str) -> dict[str, int]:
+    return requests.get(f"{control}/control/stats", timeout=10).json()["result"]["sent"]
+
+
+def broker_backlog() -> int:
+    """Messages waiting in the bench vhost's queues (RabbitMQ's view, refreshed every few seconds)."""
+    url = f"http://127.0.0.1:15672/api/queues/{quote(bg.VHOST, safe='')}"
+    return sum(q.get("messages", 0) for q in requests.get(url, auth=("guest", "guest"), timeout=10).json())
+
+
+def run(events_per_s: float, seconds: float = 20.0, symbols: int = 200) -> dict[str, Any]:
+    """`events_per_s` offered (books, tickers, trades of `symbols` symbols) for `seconds`, orders at 20/s."""
+    rate = events_per_s / (EVENTS_PER_SYMBOL * symbols)
+    bg.prepare()
+    subscribe_all(symbols)
+    sim_port, control_port = bg.free_port(), bg.free_port()
+    control = f"http://127.0.0.1:{control_port}"
+    simulator = bg.start(["bybit_simulator", "--port", str(sim_port), "--control-port", str(control_port),
+                          "--rate", f"{rate:.4f}", "--symbols", str(symbols), "--api-key", API_KEY,
+                          "--api-secret", API_SECRET])  # fmt: skip
+    bg.wait_port(sim_port)
+    bg.wait_port(control_port)
+    gateway_env = {f"QUEUE_MAX_LENGTH_{cls.upper()}": "0" for cls in ("orderbook", "ticker", "trade")}
+    gateway_env.update(BYBIT_WS_URL=f"ws://127.0.0.1:{sim_port}", BYBIT_REST_URL=control, BYBIT_API_KEY=API_KEY,
+                       BYBIT_API_SECRET=API_SECRET)  # fmt: skip
+    gateway = bg.start(["run_gateway"], gateway_env)
+    try:
+        bg.wait_live(symbols * 3 + 1)
+        # Market data and orders each have their own consumer, as a trading service would: an order
+        # must not wait behind market messages in one consumer's socket.
+        pipes, consumers = [], []
+        for classes in (CLASSES[:3], CLASSES[3:]):
+            parent, child = multiprocessing.Pipe()
+            consumer = multiprocessing.get_context("spawn").Process(
+                target=consume, args=(bg.AMQP_URL, classes, child), daemon=True
+            )
+            consumer.start()
+            child.close()  # so a consumer that dies ends parent.recv() with EOFError
+            pipes.append(parent)
+            consumers.append(consumer)
+        time.sleep(3.0)  # warm-up: sockets subscribed, snapshots through
+        status_before, sent_before = bg.gateway_status(), sim_sent(control)
+        before = status_before["counters"]
+        for parent in pipes:
+            parent.send("measure")
+        cpu0, _ = bg.proc_stats(gateway.pid)
+        stop, orders = threading.Event(), []
+        emitter = threading.Thread(target=emit_orders, args=(control, stop, 20.0, orders))
+        t0 = time.monotonic()
+        emitter.start()
+        handoff, in_flight = [], []
+        while time.monotonic() - t0 < seconds:
+            time.sleep(0.5)
+            status = bg.gateway_status()
+            handoff.append(status["handoff_depth"])
+            in_flight.append(status["in_flight"])
+        backlog = broker_backlog()
+        stop.set()
+        emitter.join()
+        for parent in pipes:
+            parent.send("stop")
+        elapsed = time.monotonic() - t0
+        cpu1, rss = bg.proc_stats(gateway.pid)
+        status_after = bg.gateway_status()
+        after = status_after["counters"]
+        # The market feed stops (a simulator stall), then what it sent is read and the consumer drains.
+        requests.post(f"{control}/control/faults/stall", json={"seconds": 60}, timeout=10).raise_for_status()
+        sent = sim_sent(control)
+        tally, private_tally = (parent.recv() for parent in pipes)
+        for consumer in consumers:
+            consumer.join(10)
+        gateway.send_signal(signal.SIGTERM)
+        gateway.wait(15)
+        simulator.send_signal(signal.SIGTERM)
+        simulator.wait(15)
+    finally:
+        for process in (simulator, gateway):
+            if process.poll() is None:
+                process.kill()
+    market_sent = sum(n - sent_before.get(key, 0) for key, n in sent.items() if not key.startswith("private:"))
+    trades_sent = {key.split(":", 1)[1]: n for key, n in sent.items() if ":publicTrade." in key}
+    trades_lost = sum(max(0, n - tally["trade_messages"].get(topic, 0)) for topic, n in trades_sent.items())
+    lat = {**tally["latencies"], "order": private_tally["latencies"]["order"]}
+    market_lat = lat["orderbook"] + lat["ticker"] + lat["trade"]
+    return {
+        "offered_per_s": round(market_sent / elapsed),
+        "target_per_s": round(events_per_s),
+        "seconds": round(elapsed, 1),
+        "delivered_per_s": round(len(market_lat) / elapsed),
+        "p50_ms": round(statistics.median(market_lat), 1) if market_lat else None,
+        "p99_ms": percentile(market_lat, 0.99),
+        "book_p99_ms": percentile(lat["orderbook"], 0.99),
+        "ticker_p99_ms": percentile(lat["ticker"], 0.99),
+        "trade_p99_ms": percentile(lat["trade"], 0.99),
+        "read_lag_p50_ms": percentile(lat["read_lag"], 0.5),
+        "read_lag_p99_ms": percentile(lat["read_lag"], 0.99),
+        "private_p99_ms": percentile(lat["order"], 0.99),
+        "private_max_ms": round(max(lat["order"]), 1) if lat["order"] else None,
+        "orders_sent": len(orders),
+        "orders_received": private_tally["orders"],
+        "trade_messages_sent": sum(trades_sent.values()),
+        "trades_lost": trades_lost,
+        "trade_seq_holes": tally["trade_seq_holes"],
+        "books": tally["books"],
+        "books_inconsistent": tally["books_inconsistent"],
+        "book_gaps": tally["gaps"],
+        "books_crossed": tally["crossed"],
+        "conflated_received": tally["conflated"],
+        "conflated": after.get("conflated", 0) - before.get("conflated", 0),
+        "dropped": after["dropped"] - before["dropped"],
+        "read_pauses": status_after["read_pauses"] - status_before["read_pauses"],
+        "cpu_us_per_frame_in": round((cpu1 - cpu0) / max(1, after["frames_in"] - before["frames_in"]) * 1e6, 1),
+        "rss_mb": round(rss, 1),
+        "handoff_depth_max": max(handoff),
+        "handoff_depth_median": statistics.median(handoff),
+        "in_flight_median": statistics.median(in_flight),
+        "broker_backlog_at_end": backlog,
+    }
 
 
 if __name__ == "__main__":
-    os.environ.update(bench_gateway.env())
+    import os
+    import sys
+
+    os.environ.update(bg.env())
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "wsgateway.settings")
     import django
 
     django.setup()
-    print(run(float(sys.argv[1]) if len(sys.argv) > 1 else 20.0, sys.argv[2] if len(sys.argv) > 2 else "2"))
+    print(run(float(sys.argv[1]) if len(sys.argv) > 1 else 16_000, float(sys.argv[2]) if len(sys.argv) > 2 else 20))
