@@ -80,6 +80,11 @@ def subscribe(symbols: int, depth: int = 50) -> None:
         topic = topics.resolve("orderbook", "linear", f"SYM{i:04d}USDT", depth)
         rows.append((SERVICE, "orderbook", "linear", topic.symbol, depth, "", "orderbook", topic.bybit_topic,
                      topic.routing_key, topic.queue_name(SERVICE), "pending", ""))  # fmt: skip
+    insert_subscriptions(rows)
+
+
+def insert_subscriptions(rows: list[tuple]) -> None:
+    """Replace the bench database's subscriptions with `rows`, written straight to the table (no nudge)."""
     with psycopg.connect(f"postgresql://postgres@127.0.0.1:5432/{DB_NAME}", autocommit=True) as conn:
         conn.execute("DELETE FROM subscriptions_subscription")
         with conn.cursor() as cur:

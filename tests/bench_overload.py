@@ -20,7 +20,6 @@ from urllib.parse import quote
 
 import amqp
 import orjson
-import psycopg
 import requests
 
 from tests import bench_gateway as bg
@@ -45,15 +44,7 @@ def subscribe_all(symbols: int) -> None:
         topic = topics.resolve(channel, category, symbol, depth)
         rows.append((bg.SERVICE, channel, topic.category, topic.symbol, depth, "", topic.event_class,
                      topic.bybit_topic, topic.routing_key, topic.queue_name(bg.SERVICE), "pending", ""))  # fmt: skip
-    with psycopg.connect(f"postgresql://postgres@127.0.0.1:5432/{bg.DB_NAME}", autocommit=True) as conn:
-        conn.execute("DELETE FROM subscriptions_subscription")
-        with conn.cursor() as cur:
-            cur.executemany(
-                "INSERT INTO subscriptions_subscription (id, service_name, channel, category, symbol, depth, interval,"
-                " event_class, bybit_topic, routing_key, queue_name, status, error, created_at, updated_at)"
-                " VALUES (gen_random_uuid(), %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, now(), now())",
-                rows,
-            )
+    bg.insert_subscriptions(rows)
 
 
 def apply_levels(side: dict[str, str], levels: list[list[str]]) -> None:
