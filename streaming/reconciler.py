@@ -90,9 +90,9 @@ def db_category(socket_category: str) -> str:
     return "" if socket_category == PRIVATE else socket_category
 
 
-def mark_active(socket_category: str, topics: list[str]) -> int:
+def mark_active(ids: list[str]) -> int:
     close_old_connections()
-    return subscriptions_mark_active(category=db_category(socket_category), topics=topics)
+    return subscriptions_mark_active(ids=ids)
 
 
 def mark_failed(socket_category: str, topics: list[str] | None, message: str) -> int:
@@ -339,6 +339,10 @@ class Reconciler:
         self.seen: dict[tuple[str, str], float] = {}  # (socket category, topic) -> last event time
         self.last_events_flushed = 0.0
         self.private_classes: set[str] = set()  # of the live private subscriptions: what recovery repairs
+        # The live rows of the last round, and the ids of those whose queue is declared, bound and
+        # routed to: only these may turn active (a row created after the round must wait for the next).
+        self.rows: list[Row] = []
+        self.ready: set[str] = set()
         self.nudged = asyncio.Event()
         self.nudges: NudgeListener | None = None
         self.throttle = LogThrottle()
@@ -353,10 +357,13 @@ class Reconciler:
             log.error("gateway.private_without_credentials", failed_subscriptions=failed)
             rows = [r for r in rows if r.socket_category != PRIVATE]
         publisher = gw.publisher
+        ids = {r.id for r in rows}
+        self.rows, self.ready = rows, self.ready & ids
         try:
             await self.in_io(self.bindings.ensure, rows, publisher.confirms.overflow_queues())
         finally:  # routed even when the declares failed: a publish to a missing queue comes back and waits
             publisher.route_private((r.queue_name, r.routing_key) for r in rows if r.event_class in PRIVATE_CLASSES)
+        self.ready = ids
         self.private_classes = {r.event_class for r in rows if r.event_class in PRIVATE_CLASSES}
         gw.recovery.live_queues(
             {r.queue_name: r.event_class for r in rows if r.event_class in PRIVATE_CLASSES and r.status == "active"}
@@ -379,12 +386,8 @@ class Reconciler:
 
         # Rows whose topic is already live (a second service, or rows created while we were down).
         live = {(s.category, t) for s in gw.sockets.values() for t in s.live}
-        pending: dict[str, list[str]] = defaultdict(list)
-        for row in rows:
-            if row.status == "pending" and (row.socket_category, row.bybit_topic) in live:
-                pending[row.socket_category].append(row.bybit_topic)
-        for category, topics in pending.items():
-            await self.in_io(mark_active, category, topics)
+        if pending := [r.id for r in rows if r.status == "pending" and (r.socket_category, r.bybit_topic) in live]:
+            await self.in_io(mark_active, pending)
 
         if time.monotonic() - self.last_events_flushed > LAST_EVENT_FLUSH_INTERVAL and self.seen:
             seen = dict(self.seen)
@@ -447,12 +450,19 @@ class Reconciler:
             self.nudged.clear()
 
     def topics_confirmed(self, sock: BybitSocket, topics: list[str]) -> None:
-        """Bybit confirmed these topics: their pending rows become active."""
+        """Bybit confirmed these topics: their pending rows that the last round made ready become active."""
         log.info("bybit.subscribed", socket=sock.name, topics=len(topics), first=topics[0])
         if sock.category == PRIVATE:
             # A private stream (re)started: what happened while it was down is only on Bybit's REST API.
             self.gateway.recovery.request("subscribed")
-        self.in_background(mark_active, sock.category, topics)
+        confirmed = set(topics)
+        ids = [
+            r.id
+            for r in self.rows
+            if r.id in self.ready and r.socket_category == sock.category and r.bybit_topic in confirmed
+        ]
+        if ids:
+            self.in_background(mark_active, ids)
 
     def topic_rejected(self, sock: BybitSocket, topic: str, message: str) -> None:
         """Bybit refused a topic: fail its rows. (Refused credentials fail nothing: the socket retries auth.)"""

@@ -100,12 +100,9 @@ def subscriptions_cancel_for_service(*, service_name: str) -> int:
     return count
 
 
-def subscriptions_mark_active(*, category: str, topics: list[str]) -> int:
-    """Bybit confirmed these topics: their pending rows become active; return how many.
-
-    `category` is the rows' category ("" for private topics).
-    """
-    rows = Subscription.objects.filter(status=Subscription.Status.PENDING, category=category, bybit_topic__in=topics)
+def subscriptions_mark_active(*, ids: Iterable[str]) -> int:
+    """These pending rows' topics are live and their queues get events now: they become active; return how many."""
+    rows = Subscription.objects.filter(status=Subscription.Status.PENDING, id__in=list(ids))
     return rows.update(status=Subscription.Status.ACTIVE, error="", updated_at=timezone.now())
 
 

@@ -92,6 +92,41 @@ def test_exchange_deleted_and_recreated_by_an_operator_loses_no_order(
     trades_reader.close()
 
 
+def test_a_subscription_made_while_its_topic_is_being_confirmed_is_active_only_once_routed(
+    start_gateway, gateway_settings, simulator, rabbit, monkeypatch
+) -> None:
+    """Bravo subscribes while Bybit is yet to confirm alpha's orders: bravo reads active only once it gets them.
+
+    Bybit's confirmation of the topic used to turn every pending row of it active, bravo's too,
+    before any reconcile round had declared bravo's queue or routed orders to it: the orders
+    emitted next reached alpha and not bravo.
+    """
+    gateway_settings.GATEWAY_RECONCILE_INTERVAL = 60.0  # no round but the ones a nudge asks for
+    gateway_settings.GATEWAY_REPLY_TIMEOUT = 0.3
+    runner = start_gateway()
+    simulator.call(simulator.sim.control.ignore_requests(1.5))
+    alpha, _ = subscription_create(service_name="alpha", channel="order")
+
+    def subscribe_sent() -> bool:
+        return any(r.get("op") == "subscribe" and r["category"] == "private" for r in simulator.requests)
+
+    wait_for(subscribe_sent, message="alpha's order subscribe sent (and left unanswered)")
+    with monkeypatch.context() as patch:  # bravo's nudge is lost: no round sees bravo before Bybit answers
+        patch.setattr("subscriptions.services.nudge_gateway", lambda **kwargs: False)
+        bravo, _ = subscription_create(service_name="bravo", channel="order")
+    wait_for(lambda: active(alpha), timeout=8, message="alpha's subscription active once Bybit answers")
+    bravo.refresh_from_db()
+    assert bravo.status == "pending"  # no queue declared for it, no order routed to it yet
+    assert not queue_exists(rabbit, "ws-gateway.bravo.order")
+    runner.gateway.nudge()  # what the lost nudge would have done (the periodic round does it too)
+    wait_for(lambda: active(bravo), message="bravo's subscription active after a round")
+    sent = emit_orders(simulator, 3)
+    reader = QueueReader(rabbit, "ws-gateway.bravo.order")
+    reader.wait(lambda m: len(m) >= 3, message="bravo gets every order emitted once it reads active")
+    assert order_ids(reader.messages) == sent
+    reader.close()
+
+
 def test_full_queue_stalls_only_itself_and_later_gets_every_order_in_order(
     start_gateway, gateway_settings, simulator, rabbit
 ) -> None:
