@@ -266,17 +266,27 @@ class BybitRest:
         """The latest closed orders Bybit keeps on its realtime endpoint (500 per category), newest first."""
         return await self.collect_linear("/v5/order/realtime", category, {**params, "openOnly": 1, "limit": 50})
 
-    async def order_history(self, category: str, **params: Any) -> list[dict[str, Any]]:
-        """Orders of the window given by startTime/endTime (Bybit: the last 7 days by default)."""
-        return await self.collect("/v5/order/history", {"category": category, **params, "limit": 50})
+    async def order_history(
+        self, category: str, start_ms: int | None = None, end_ms: int | None = None, **params: Any
+    ) -> list[dict[str, Any]]:
+        """Orders of [start_ms, end_ms] (end defaults to now), in 7-day windows as Bybit requires; without
+        start_ms, Bybit's default of the last 7 days."""
+        base = {"category": category, **params, "limit": 50}
+        return await self.in_windows("/v5/order/history", base, start_ms, end_ms)
 
     async def executions(
         self, category: str, start_ms: int | None = None, end_ms: int | None = None, **params: Any
     ) -> list[dict[str, Any]]:
         """Every execution with execTime in [start_ms, end_ms] (end defaults to now), in 7-day windows as Bybit
         requires; without start_ms, Bybit's default of the last 7 days."""
-        path = "/v5/execution/list"
         base = {"category": category, **params, "limit": 100}
+        return await self.in_windows("/v5/execution/list", base, start_ms, end_ms)
+
+    async def in_windows(
+        self, path: str, base: dict[str, Any], start_ms: int | None, end_ms: int | None
+    ) -> list[dict[str, Any]]:
+        """Every page of a history endpoint over [start_ms, end_ms], asked in windows of at most 7 days
+        (Bybit refuses a wider one with 10001) and no further back than the 2 years it keeps."""
         if start_ms is None:
             return await self.collect(path, {**base, "endTime": end_ms})
         end = now_ms() if end_ms is None else end_ms

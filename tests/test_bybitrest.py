@@ -68,6 +68,20 @@ def test_asks_in_seven_day_windows_as_bybit_requires() -> None:
     with_client(test)
 
 
+def test_order_history_is_asked_in_seven_day_windows_too() -> None:
+    # A back-fill after a gateway was down for over a week asks for a span Bybit refuses in one go.
+    async def test(sim: Simulator, client: BybitRest) -> None:
+        day = 86_400_000
+        start = 1_790_000_000_000
+        for i in range(3):
+            await sim.emit_order(createdTime=str(start + i * 8 * day), orderId=f"o-{i}", orderStatus="Filled")
+        orders = await client.order_history("linear", start_ms=start, end_ms=start + 20 * day)
+        assert sorted(o["orderId"] for o in orders) == ["o-0", "o-1", "o-2"]
+        assert sim.rest.answered[("/v5/order/history", 10001)] == 0
+
+    with_client(test)
+
+
 def test_waits_out_a_rate_limit_instead_of_failing() -> None:
     async def test(sim: Simulator, client: BybitRest) -> None:
         sim.rest.set_limits({EXECUTIONS: 2}, window=0.25)
