@@ -331,6 +331,13 @@ class LastValueCache:
             self.gone.add(key)
             self.book_marks = {book: mark for book, mark in self.book_marks.items() if mark.key != key}
 
+    async def held(self, kind: str) -> set[str]:
+        """The fields of an account hash (`order`, `position`) the cache holds: in Redis, or marked, not yet flushed."""
+        name = hash_name(self.prefix, kind)
+        fields = set() if name in self.cleared else {f.decode() for f in await self.client.hkeys(name)}
+        fields |= {field for hash_, field in self.dirty if hash_ == name}
+        return fields - {field for hash_, field in self.gone if hash_ == name}
+
     async def flush(self) -> int:
         """Write every changed value once; on a Redis error keep them for the next round."""
         if not self.dirty and not self.gone and not self.cleared:

@@ -88,6 +88,11 @@ def resync_event(
     return Event(event_id, event_id, event_class, f"{event_class}.resync", body, True, "resync", received_ts, epoch)
 
 
+def position_of(item: dict[str, Any]) -> tuple[str, str, str]:
+    """A position's key as the account cache names it: (category, symbol, positionIdx)."""
+    return item.get("category", ""), item.get("symbol", ""), str(item.get("positionIdx", 0))
+
+
 def latest_orders(items: Iterable[dict[str, Any]], since_ms: int) -> list[dict[str, Any]]:
     """The newest state of each order updated at or after `since_ms`, oldest first."""
     newest: dict[str, dict[str, Any]] = {}
@@ -293,7 +298,7 @@ class Recovery:
             for category in ORDER_CATEGORIES:
                 found = await self.rest.open_orders(category)
                 found += await self.rest.recent_closed_orders(category)
-                found += await self.rest.order_history(category, startTime=since, endTime=until)
+                found += await self.rest.order_history(category, start_ms=since, end_ms=until)
                 items += latest_orders((as_streamed(i, category) for i in found), since)
         else:
             items = await self.current(event_class)
@@ -307,12 +312,24 @@ class Recovery:
             for category in ORDER_CATEGORIES:
                 items += [as_streamed(i, category) for i in await self.rest.open_orders(category)]
         elif event_class == "position":
+            held = await self.held_positions()
             for category in POSITION_CATEGORIES:
-                items += [as_streamed(i, category) for i in await self.rest.positions(category)]
+                found = [as_streamed(i, category) for i in await self.rest.positions(category)]
+                listed = {position_of(i) for i in found}
+                # Bybit lists open positions only: one closed while nobody listened is asked for by symbol.
+                for symbol in sorted({s for c, s, idx in held - listed if c == category}):
+                    by_symbol = [as_streamed(i, category) for i in await self.rest.positions(category, symbol=symbol)]
+                    found += [i for i in by_symbol if position_of(i) not in listed]
+                items += found
         elif event_class == "balance":
             for account in WALLET_ACCOUNTS:
                 items += await self.rest.wallet_balance(account)
         return items
+
+    async def held_positions(self) -> set[tuple[str, str, str]]:
+        """(category, symbol, positionIdx) of each position the account cache holds as open."""
+        fields = await self.gateway.cache.held("position")
+        return {tuple(f.split(":", 2)) for f in fields if f.count(":") == 2}  # type: ignore[misc]
 
     def events(self, event_class: str, items: list[dict[str, Any]]) -> list[Event]:
         """REST items as events; the account cache and the balance writer take them as they take the stream's."""

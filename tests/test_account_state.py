@@ -85,6 +85,36 @@ def test_open_positions_are_served_and_a_closed_one_leaves(
     reader.close()
 
 
+def test_a_position_closed_while_the_private_socket_was_away_is_repaired_from_rest(
+    start_gateway, simulator, rabbit, settings, api_client: APIClient
+) -> None:
+    """Bybit lists open positions only: the back-fill asks for a closed one by its symbol."""
+    settings.BYBIT_REST_URL = simulator.rest_url
+    settings.GATEWAY_AUTH_RETRY_CAP = 0.3
+    start_gateway()
+    subscribe("alpha", "position")
+    reader = QueueReader(rabbit, "ws-gateway.alpha.position")
+    simulator.call(simulator.sim.emit_position(symbol="BTCUSDT", size="0.5"))
+    simulator.call(simulator.sim.emit_position(symbol="ETHUSDT", size="2"))
+
+    def served() -> set[str]:
+        return {p["symbol"] for p in api_client.get("/api/v1/account/positions").json()["results"]}
+
+    wait_for(lambda: served() == {"BTCUSDT", "ETHUSDT"}, message="both positions served")
+    simulator.call(simulator.sim.reject_auth(True))
+    simulator.call(simulator.sim.drop_connections())
+    wait_for(lambda: not any(c["authed"] for c in simulator.stats()["connections"]), message="no private stream")
+    closed = simulator.call(simulator.sim.emit_position(symbol="ETHUSDT", size="0"))  # nobody hears it
+    simulator.call(simulator.sim.reject_auth(False))
+
+    def repaired(messages: list[dict]) -> bool:
+        return any(m.get("source") == "rest" and m.get("data") == closed["data"][0] for m in messages)
+
+    reader.wait(repaired, message="the closed position's last state, from REST")
+    wait_for(lambda: served() == {"BTCUSDT"}, message="the closed position no longer served")
+    reader.close()
+
+
 def test_an_order_that_closes_while_nobody_streams_orders_is_never_served_as_open(
     start_gateway, simulator, rabbit, settings, api_client: APIClient
 ) -> None:
