@@ -150,3 +150,26 @@ def test_tail_events_prints_a_services_events_without_taking_them(start_gateway,
     reader = QueueReader(rabbit, "ws-gateway.alpha.trade")  # the service's own queue still has its events
     reader.wait(lambda m: len(m) >= 3)
     reader.close()
+
+
+def last_event(subscription: Subscription):
+    subscription.refresh_from_db()
+    return subscription.last_event_at
+
+
+def test_each_live_subscription_records_when_its_topic_last_had_an_event(start_gateway, simulator, monkeypatch) -> None:
+    from streaming import reconciler
+
+    monkeypatch.setattr(reconciler, "LAST_EVENT_FLUSH_INTERVAL", 0.2)
+    start_gateway()
+    trades, _ = subscription_create(service_name="alpha", channel="trades", category="linear", symbol="BTCUSDT")
+    ticker, _ = subscription_create(service_name="bravo", channel="ticker", category="spot", symbol="ETHUSDT")
+    wait_for(lambda: status_of(trades) == "active" and status_of(ticker) == "active", message="both active")
+    wait_for(lambda: last_event(trades) and last_event(ticker), message="both topics' last event times written")
+    first = (last_event(trades), last_event(ticker))
+    wait_for(lambda: last_event(trades) > first[0] and last_event(ticker) > first[1], message="both moving on")
+
+    subscription_cancel(subscription=ticker)
+    cancelled_at, before = last_event(ticker), last_event(trades)
+    wait_for(lambda: last_event(trades) > before, message="the live one moving on")
+    assert last_event(ticker) == cancelled_at  # a cancelled row is left alone
