@@ -25,9 +25,9 @@ from streaming.bybit import PUBLIC_CATEGORIES, BybitSocket, SocketConfig, endpoi
 from streaming.bybitrest import BybitRest
 from streaming.circuit import Breakers, ConnectionBudget
 from streaming.envelope import ControlReply, DataFrame, Envelopes, Malformed
-from streaming.lock import Lease, OwnerLock
+from streaming.lock import Lease, OwnerLock, wait_or_timeout
 from streaming.marketstate import LastValueCache, MarketState
-from streaming.publisher import Handoff, Publisher
+from streaming.publisher import Handoff, Pacing, Publisher
 from streaming.reconciler import PRIVATE, Reconciler
 from streaming.recovery import Recovery
 from streaming.status import Counters, StatusWriter, status_record
@@ -61,6 +61,9 @@ class GatewayConfig:
     handover_flush: float
     handoff_size: int
     conflate_at: int
+    conflate_interval_ms: int
+    conflate_max_interval_ms: int
+    lag_limit_ms: int
     confirm_window: int
     lock_ttl: float
     status_interval: float
@@ -105,6 +108,9 @@ class GatewayConfig:
             handover_flush=s.GATEWAY_HANDOVER_FLUSH_S,
             handoff_size=s.GATEWAY_HANDOFF_SIZE,
             conflate_at=s.GATEWAY_CONFLATE_AT,
+            conflate_interval_ms=s.GATEWAY_CONFLATE_INTERVAL_MS,
+            conflate_max_interval_ms=s.GATEWAY_CONFLATE_MAX_INTERVAL_MS,
+            lag_limit_ms=s.GATEWAY_LAG_LIMIT_MS,
             confirm_window=s.GATEWAY_CONFIRM_WINDOW,
             lock_ttl=s.GATEWAY_LOCK_TTL,
             status_interval=s.GATEWAY_STATUS_INTERVAL,
@@ -147,10 +153,20 @@ def database_conninfo(db: dict[str, Any]) -> str:
     )
 
 
+async def release_held(handoff: Handoff, publisher: Publisher, stop: asyncio.Event) -> None:
+    """While the gateway reads late, queue each held book and ticker once its topic's interval is over."""
+    while not stop.is_set():
+        await wait_or_timeout(stop, handoff.pacing.base_ms / 2000)
+        if handoff.held and handoff.release(time.time_ns() // 1_000_000):
+            publisher.kick()
+
+
 class Gateway:
     def __init__(self, config: GatewayConfig) -> None:
         self.config = config
-        self.handoff = Handoff(config.handoff_size, config.backpressure_at, config.max_read_pause, config.conflate_at)
+        pacing = Pacing(config.lag_limit_ms, config.conflate_interval_ms, config.conflate_max_interval_ms)
+        self.handoff = Handoff(config.handoff_size, config.backpressure_at, config.max_read_pause, config.conflate_at,
+                               pacing=pacing)  # fmt: skip
         self.publisher = Publisher(
             config.rabbitmq_url,
             self.handoff,
@@ -288,6 +304,7 @@ class Gateway:
             self.start(self.lease.keep(), "lock"),
             self.start(self.recovery.run(stop), "recovery"),
             self.start(self.recovery.keep_watermark(self.redis, stop, self.config.status_interval), "watermark"),
+            self.start(release_held(self.handoff, self.publisher, stop), "conflation"),
         ]
         writers = [self.start(self.cache.run(stop), "lvc"), self.start(self.balances.run(stop), "balances")]
         await stop.wait()

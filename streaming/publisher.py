@@ -71,6 +71,8 @@ PUBLISHER_CONNECTION_NAME = "ws-gateway publisher"
 HEARTBEAT_FRAME = marshal(Heartbeat(), 0)
 ACK_METHODS = (b"\x00\x3c\x00\x50", b"\x00\x3c\x00\x78")  # basic.ack, basic.nack: the fast path
 RETURN_METHOD = b"\x00\x3c\x00\x32"  # basic.return: a mandatory publish reached no queue
+LAG_WINDOW_MS = 60_000  # the read-lag baseline is the lowest lag of the last one or two such windows
+BEHIND_HOLD_MS = 2_000  # a late read keeps the hand-off conflating on time for this long after it
 CAPABILITIES = {  # what RabbitMQ may use on this connection
     "publisher_confirms": True,
     "basic.nack": True,
@@ -176,15 +178,61 @@ class Latest:
         self.frame = frame  # the topic's latest frame
 
 
+class Pacing:
+    """Whether the gateway reads its sockets late, and how often a book or ticker may go out meanwhile.
+
+    A frame's read lag is the time from its exchange `ts` to the moment the gateway read it. It
+    is late when it is `limit_ms` above the lowest read lag of the last minute or two (so a
+    steady network delay or clock offset does not count; the baseline stands still while the
+    gateway is behind). Behind lasts `BEHIND_HOLD_MS` after the last late frame. Meanwhile each
+    book and ticker topic goes out at most once per `interval_ms`, which starts at `base_ms` and
+    doubles, up to `max_ms`, for each hold the gateway stays behind: the longer the overload,
+    the less RabbitMQ and consumers are given, until the sockets are read on time again.
+    """
+
+    def __init__(self, limit_ms: int = 100, base_ms: int = 100, max_ms: int = 1_000) -> None:
+        self.limit_ms, self.base_ms, self.max_ms = limit_ms, base_ms, max(base_ms, max_ms)
+        self.interval_ms = base_ms
+        self.behind_until = self.widen_at = 0  # ms, like received_ts
+        self.floor = self.window_min = 1 << 62  # the previous window's lowest read lag, and this one's
+        self.window_end = 0
+
+    def late(self, received: int, exchange_ts: object) -> bool:
+        """Whether the gateway is behind: this frame, or one in the last `BEHIND_HOLD_MS`, was read late."""
+        if type(exchange_ts) is not int:
+            return received < self.behind_until
+        lag = received - exchange_ts
+        if lag < self.window_min:
+            self.window_min = lag
+        behind = received < self.behind_until
+        if received >= self.window_end and not behind:
+            self.floor, self.window_min, self.window_end = self.window_min, lag, received + LAG_WINDOW_MS
+        if lag - min(self.floor, self.window_min) > self.limit_ms:
+            if not behind:
+                self.interval_ms, self.widen_at = self.base_ms, received + BEHIND_HOLD_MS
+            elif received >= self.widen_at:
+                self.interval_ms, self.widen_at = min(2 * self.interval_ms, self.max_ms), received + BEHIND_HOLD_MS
+            self.behind_until = received + BEHIND_HOLD_MS
+            return True
+        return behind
+
+
 class Handoff:
     """Bounded hand-off from the socket readers to the publisher.
 
     Private events come first and are never dropped: they queue without bound (the depth shows
     in health), because a lost order update costs more than memory. Market data is bounded.
-    While `conflate_at` market events wait, books and tickers conflate: a topic keeps one place
-    in the queue (a `Latest`), and the publisher gets its newest state as one snapshot when it
-    reaches that place, instead of every delta that led there. Trades, liquidations and klines
-    never conflate; only when the queue is full is the oldest market event dropped and counted.
+
+    Books and tickers conflate when the gateway is behind: a topic keeps one place (a `Latest`),
+    and the publisher gets its newest state as one snapshot when it reaches that place, instead
+    of every delta that led there. Behind means either of two things:
+    - `conflate_at` market events wait for the publisher (RabbitMQ takes them slower than they come);
+    - the gateway reads its sockets late (`Pacing`): each book and ticker topic then goes out
+      at most once per `pacing.interval_ms`; frames in between fold into a place that is `held`
+      until `release` queues it. The load on RabbitMQ and consumers falls to a rate they can
+      take, the sockets are read on time again, and trades keep flowing.
+    Trades, liquidations and klines never conflate; only when the queue is full is the oldest
+    market event dropped and counted.
     """
 
     def __init__(
@@ -194,15 +242,19 @@ class Handoff:
         max_read_pause: float = 0.5,
         conflate_at: int | None = None,
         render: Callable[[DataFrame], Event | None] | None = None,
+        pacing: Pacing | None = None,
     ) -> None:
         self.market: deque[Event | Latest] = deque()
         self.private: deque[Event] = deque()
-        self.latest: dict[tuple[str, str], Latest] = {}  # the conflating topics' places in `market`
+        self.latest: dict[tuple[str, str], Latest] = {}  # the conflating topics' places, in `market` or held
+        self.held: dict[tuple[str, str], Latest] = {}  # places waiting for their topic's interval to end
+        self.next_at: dict[tuple[str, str], int] = {}  # ms: a topic's next place goes out no sooner
         self.market_limit = market_limit
         self.backpressure_at = backpressure_at if backpressure_at is not None else market_limit
         self.conflate_at = conflate_at if conflate_at is not None else market_limit
         self.max_read_pause = max_read_pause
         self.render = render  # Envelopes.latest
+        self.pacing = pacing or Pacing()
         self.dropped = 0
         self.conflated = 0  # frames folded into their topic's newest state, never published alone
         self.read_pauses = 0
@@ -223,20 +275,34 @@ class Handoff:
 
     def offer(self, frame: DataFrame) -> int:
         """Queue a data frame's events; return how many went in (0: folded into its topic's newest state)."""
-        if frame.conflatable and (self.latest or len(self.market) >= self.conflate_at):
+        if frame.conflatable and self.render is not None:
             key = (frame.category, frame.topic)
             place = self.latest.get(key)
             if place is not None:
                 place.frame = frame
                 self.conflated += 1
                 return 0
-            if len(self.market) >= self.conflate_at and self.render is not None:
+            received = frame.events[0].received_ts
+            if self.pacing.late(received, frame.parsed.get("ts")):
+                if received < self.next_at.get(key, 0):
+                    self.latest[key] = self.held[key] = Latest(key, frame)
+                    return 1
+                self.next_at[key] = received + self.pacing.interval_ms
+            elif len(self.market) >= self.conflate_at:
                 self.latest[key] = place = Latest(key, frame)
                 self.put_market(place)
                 return 1
         for event in frame.events:
             self.put(event)
         return len(frame.events)
+
+    def release(self, now_ms: int) -> int:
+        """Queue the held places whose topic's interval is over; return how many."""
+        due = [key for key in self.held if self.next_at.get(key, 0) <= now_ms]
+        for key in due:
+            self.put_market(self.held.pop(key))
+            self.next_at[key] = now_ms + self.pacing.interval_ms
+        return len(due)
 
     def take(self) -> Event | None:
         """Return the next event, private ones first, or None."""
@@ -254,7 +320,7 @@ class Handoff:
         return None
 
     def __len__(self) -> int:
-        return len(self.market) + len(self.private)
+        return len(self.market) + len(self.private) + len(self.held)
 
     def backlogged(self) -> bool:
         return len(self.market) > self.backpressure_at
@@ -857,6 +923,7 @@ class Publisher:
         """Wait until everything handed off is confirmed; False if `timeout` came first."""
         deadline = time.monotonic() + timeout
         while self.in_flight or len(self.handoff):
+            self.handoff.release(1 << 62)  # books and tickers held for their interval go now
             self.settled_event.clear()
             self.kick()
             remaining = deadline - time.monotonic()

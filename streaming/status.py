@@ -128,6 +128,11 @@ def status_record(gw: Gateway) -> dict[str, Any]:
         "published_by_routing_key": dict(counters.by_routing_key),
         "handoff_depth": len(gw.handoff),
         "read_pauses": gw.handoff.read_pauses,
+        "pacing": {  # reading late: each book and ticker goes out at most once per interval
+            "behind": gw.handoff.pacing.behind_until > time.time() * 1000,
+            "interval_ms": gw.handoff.pacing.interval_ms,
+            "held": len(gw.handoff.held),
+        },
         "in_flight": publisher.in_flight,
         "private": {
             "parked": publisher.confirms.parked(),

@@ -15,7 +15,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench-results.json"
-NO_CONFLATION = {"GATEWAY_CONFLATE_AT": str(10**9)}  # a hand-off depth never reached: one event per frame
+# A hand-off depth and a read lag never reached: one event per frame.
+NO_CONFLATION = {"GATEWAY_CONFLATE_AT": str(10**9), "GATEWAY_LAG_LIMIT_MS": str(10**9)}
 
 
 def setup_django() -> None:

@@ -7,28 +7,30 @@ would take out is judged by a consumer that rebuilds every book from what it rec
 from __future__ import annotations
 
 import random
+import time
+from collections.abc import Callable
 
 import orjson
 
 from streaming.envelope import DataFrame, Envelopes, Event
 from streaming.marketstate import MarketState, OrderBook
-from streaming.publisher import Handoff
+from streaming.publisher import BEHIND_HOLD_MS, LAG_WINDOW_MS, Handoff, Pacing
 
 BOOK = "orderbook.50.BTCUSDT"
 
 
-def book_frames(count: int, seed: int = 7) -> list[str]:
-    """A snapshot of 50 levels a side, then `count` deltas (some deleting a level, some adding one)."""
+def book_frames(count: int, seed: int = 7, ts_of: Callable[[int], int] = lambda u: 1_000 + u) -> list[str]:
+    """A snapshot of 50 levels a side, then `count` deltas (some deleting a level, some adding one); `ts` by `u`."""
     rng = random.Random(seed)
     bids = [f"{30_000 - i * 0.5:.1f}" for i in range(50)]
     asks = [f"{30_001 + i * 0.5:.1f}" for i in range(50)]
     data = {"s": "BTCUSDT", "b": [[p, "1.0"] for p in bids], "a": [[p, "1.0"] for p in asks], "u": 1, "seq": 1}
-    frames = [{"topic": BOOK, "type": "snapshot", "ts": 1_000, "data": data}]
+    frames = [{"topic": BOOK, "type": "snapshot", "ts": ts_of(1) - 1, "data": data}]
     for u in range(2, count + 2):
         bid = [f"{30_000 - rng.randrange(70) * 0.5:.1f}", rng.choice(("0", "2.5", "0.3"))]
         ask = [f"{30_001 + rng.randrange(70) * 0.5:.1f}", rng.choice(("0", "4"))]
         delta = {"s": "BTCUSDT", "b": [bid], "a": [ask], "u": u, "seq": u}
-        frames.append({"topic": BOOK, "type": "delta", "ts": 1_000 + u, "data": delta})
+        frames.append({"topic": BOOK, "type": "delta", "ts": ts_of(u), "data": delta})
     return [orjson.dumps(frame).decode() for frame in frames]
 
 
@@ -139,3 +141,53 @@ def test_below_the_threshold_every_delta_is_sent() -> None:
     frames = book_frames(200)
     assert sum(offer(envelopes, handoff, raw) for raw in frames) == 201 and handoff.conflated == 0
     assert [b["u"] for b in taken(handoff)] == list(range(1, 202))
+
+
+def test_a_steady_read_lag_is_not_late_but_a_rise_above_it_is() -> None:
+    pacing = Pacing(limit_ms=100, base_ms=100, max_ms=400)
+    # Every frame read 3 s after its exchange time (a clock offset, a long link): the usual, not late.
+    assert not any(pacing.late(t, t - 3_000) for t in range(0, 10_000, 20))
+    assert pacing.late(10_000, 10_000 - 3_200)  # 200 ms later than usual
+    assert pacing.late(10_500, 10_500 - 3_000)  # read on time again, but still behind for a hold
+    assert not pacing.late(10_000 + BEHIND_HOLD_MS + 1, 10_000 + BEHIND_HOLD_MS + 1 - 3_000)
+
+
+def test_the_longer_the_gateway_stays_behind_the_less_often_a_topic_goes_out() -> None:
+    pacing = Pacing(limit_ms=100, base_ms=100, max_ms=400)
+    pacing.late(0, 0)
+    intervals = {}
+    for t in range(1, 4 * BEHIND_HOLD_MS, 20):  # every frame 200 ms late
+        assert pacing.late(t, t - 200)
+        intervals[t // BEHIND_HOLD_MS] = pacing.interval_ms
+    assert intervals == {0: 100, 1: 200, 2: 400, 3: 400}
+    # A long overload does not become the new usual: still late after several baseline windows.
+    assert all(pacing.late(t, t - 200) for t in range(4 * BEHIND_HOLD_MS, 3 * LAG_WINDOW_MS, 100))
+    # Caught up for a hold, then behind again: back to the short interval.
+    t = 3 * LAG_WINDOW_MS + BEHIND_HOLD_MS
+    assert not pacing.late(t, t)
+    assert pacing.late(t + 1, t + 1 - 200) and pacing.interval_ms == 100
+
+
+def test_while_reading_late_a_book_goes_out_once_an_interval_as_its_newest_state() -> None:
+    envelopes = Envelopes("run", MarketState())
+    handoff = Handoff(100_000, render=envelopes.latest, pacing=Pacing(limit_ms=100, base_ms=100, max_ms=100))
+    now = time.time_ns() // 1_000_000
+    frames = book_frames(200, ts_of=lambda u: now if u == 1 else now - 500)  # deltas read 500 ms late
+    queued = sum(offer(envelopes, handoff, raw) for raw in frames)
+    trade = {"topic": "publicTrade.BTCUSDT", "ts": now - 500, "data": [{"i": "t1", "p": "1", "v": "1"}]}
+    offer(envelopes, handoff, orjson.dumps(trade).decode())
+    # The snapshot, the first late delta (its interval starts), one held place for the other 199.
+    assert (queued, handoff.conflated, len(handoff.held)) == (3, 198, 1)
+    first = taken(handoff)
+    assert [(b["class"], b["type"]) for b in first] == [("orderbook", "snapshot"), ("orderbook", "delta"),
+                                                        ("trade", "snapshot")]  # fmt: skip
+    assert handoff.release(now) == 0  # its interval is not over yet
+    assert handoff.release(time.time_ns() // 1_000_000 + 100) == 1
+    (latest,) = taken(handoff)
+    assert (latest["conflated"], latest["u"]) == (True, 201)
+    truth = OrderBook()
+    for raw in frames:
+        message = orjson.loads(raw)
+        truth.apply(message["type"], message["data"])
+    rebuilt = rebuild([*first[:2], latest])
+    assert rebuilt.top(100) == truth.top(100) and rebuilt.u == truth.u

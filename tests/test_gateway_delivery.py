@@ -173,3 +173,30 @@ def test_each_live_subscription_records_when_its_topic_last_had_an_event(start_g
     cancelled_at, before = last_event(ticker), last_event(trades)
     wait_for(lambda: last_event(trades) > before, message="the live one moving on")
     assert last_event(ticker) == cancelled_at  # a cancelled row is left alone
+
+
+def test_a_gateway_reading_late_sends_each_book_once_an_interval_and_trades_in_full(
+    start_gateway, gateway_settings, simulator, rabbit
+) -> None:
+    gateway_settings.GATEWAY_LAG_LIMIT_MS = -1  # every frame counts as read late
+    gateway_settings.GATEWAY_CONFLATE_INTERVAL_MS = gateway_settings.GATEWAY_CONFLATE_MAX_INTERVAL_MS = 250
+    runner = start_gateway()
+    subscription_create(service_name="alpha", channel="orderbook", category="linear", symbol="BTCUSDT", depth=50)
+    subscription_create(service_name="alpha", channel="trades", category="linear", symbol="BTCUSDT")
+    books = QueueReader(rabbit, "ws-gateway.alpha.orderbook")
+    trades = QueueReader(rabbit, "ws-gateway.alpha.trade")
+    books.wait(lambda m: sum(1 for b in m if b.get("conflated")) >= 8, message="eight paced snapshots")
+    sent = simulator.stats()["sent"]["linear:orderbook.50.BTCUSDT"]
+    assert len(books.messages) * 3 < sent  # a snapshot every 250 ms, not every 20 ms frame
+    first = next(n for n, book in enumerate(books.messages) if book["type"] == "snapshot")
+    u = books.messages[first]["u"]
+    for book in books.messages[first + 1 :]:  # what a consumer rebuilds stays whole: a delta goes on from u
+        assert book["type"] == "snapshot" or book["u"] == u + 1, (book["type"], book["u"], u)
+        u = book["u"]
+    pacing = runner.gateway.handoff.pacing
+    assert pacing.interval_ms == 250 and pacing.behind_until > 0
+    trades.wait(lambda m: len(m) >= 10, message="trades")
+    seqs = trade_seqs(trades.messages)
+    assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))  # never paced: every trade, in order
+    books.close()
+    trades.close()

@@ -45,3 +45,10 @@ def test_parked_private_events_and_a_failing_backfill_are_exported() -> None:
     working = samples({**status, "private": {}, "recovery": {"backfills": 8, "last_error": None}})
     assert working[("wsgateway_gateway_backfill_failing", ())] == 0
     assert ("wsgateway_gateway_private_parked", (("queue", queue),)) not in working
+
+
+def test_a_gateway_reading_late_and_its_pacing_interval_are_exported() -> None:
+    found = samples({"updated_at": time.time(), "pacing": {"behind": True, "interval_ms": 400, "held": 9}})
+    assert found[("wsgateway_gateway_reading_late", ())] == 1
+    assert found[("wsgateway_gateway_pacing_interval_ms", ())] == 400
+    assert samples({"updated_at": time.time()})[("wsgateway_gateway_reading_late", ())] == 0

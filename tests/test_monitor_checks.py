@@ -315,3 +315,9 @@ def test_market_events_the_full_hand_off_dropped_warn_and_conflation_alone_does_
     (alert,) = gateway_alerts(status(counters={"dropped": 40, "conflated": 9_000}), NOW)
     assert (alert.name, alert.severity, alert.details) == ("gateway.market_dropped", "warning", {"events": 40})
     assert gateway_alerts(status(counters={"dropped": 0, "conflated": 9_000}), NOW) == []
+
+
+def test_a_gateway_reading_late_warns_with_its_pacing_interval() -> None:
+    (alert,) = gateway_alerts(status(pacing={"behind": True, "interval_ms": 400, "held": 12}), NOW)
+    assert (alert.name, alert.severity, alert.details) == ("gateway.reading_late", "warning", {"interval_ms": 400})
+    assert gateway_alerts(status(pacing={"behind": False, "interval_ms": 400, "held": 0}), NOW) == []

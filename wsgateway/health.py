@@ -40,7 +40,7 @@ KEEP_IDLE = 2
 CHANNEL_ID = 1  # the AMQP channel each kept connection opens for its round trips
 GATEWAY_PASSTHROUGH = (
     "state", "circuit", "sockets", "counters", "handoff_depth", "in_flight", "publisher", "books", "lvc", "balances",
-    "malformed_by_reason", "read_pauses", "circuits", "private",
+    "malformed_by_reason", "read_pauses", "pacing", "circuits", "private",
     "epoch", "quarantined_by_reason", "quarantined_at", "recovery",
 )  # fmt: skip
 

@@ -288,6 +288,12 @@ GATEWAY_HANDOFF_SIZE = env_int("GATEWAY_HANDOFF_SIZE", 50_000, 10)
 GATEWAY_CONFIRM_WINDOW = env_int("GATEWAY_CONFIRM_WINDOW", 2_000, 1)
 # While this many market events wait for the publisher, books and tickers conflate to their newest state.
 GATEWAY_CONFLATE_AT = env_int("GATEWAY_CONFLATE_AT", 1_000, 0)
+# While the gateway reads frames this many ms later than its usual read lag, each book and
+# ticker topic is published at most once per GATEWAY_CONFLATE_INTERVAL_MS (its newest state),
+# an interval that doubles every 2 s the gateway stays behind, up to ..._MAX_INTERVAL_MS.
+GATEWAY_LAG_LIMIT_MS = env_int("GATEWAY_LAG_LIMIT_MS", 100, 1)
+GATEWAY_CONFLATE_INTERVAL_MS = env_int("GATEWAY_CONFLATE_INTERVAL_MS", 100, 1)
+GATEWAY_CONFLATE_MAX_INTERVAL_MS = env_int("GATEWAY_CONFLATE_MAX_INTERVAL_MS", 1_000, 1)
 # Every queue and binding is declared again this often (and at once after a publisher reconnect
 # or a returned publish), so one deleted by an operator comes back by itself.
 GATEWAY_REDECLARE_INTERVAL = env_float("GATEWAY_REDECLARE_INTERVAL", 30.0, 0.1)

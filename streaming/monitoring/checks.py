@@ -24,6 +24,7 @@ GATEWAY_FAMILIES = (
     "gateway.quarantined",
     "gateway.backfill_failed",
     "gateway.market_dropped",
+    "gateway.reading_late",
     "queue.private_rejecting",
 )
 LEVELS = ("warning", "critical")
@@ -187,6 +188,10 @@ def gateway_alerts(status: dict[str, Any] | None, now: float) -> list[Alert]:
     if counters.get("dropped"):
         # The hand-off was full (conflation could not keep up): market events were lost to consumers.
         alerts.append(Alert("gateway.market_dropped", "gateway", "warning", {"events": counters["dropped"]}))
+    pacing = status.get("pacing") or {}
+    if pacing.get("behind"):
+        # Reading its sockets late: books and tickers go out at most once per interval, as their newest state.
+        alerts.append(Alert("gateway.reading_late", "gateway", "warning", {"interval_ms": pacing.get("interval_ms")}))
     if counters.get("unencodable"):
         alerts.append(Alert("gateway.publisher.unencodable", "gateway", "warning", {"events": counters["unencodable"]}))
     balances = status.get("balances") or {}

@@ -79,6 +79,16 @@ def gateway_metrics(status: dict[str, Any] | None, now: float) -> Iterator[Metri
         family = GaugeMetricFamily(name, help_text)
         family.add_metric([], status.get(key, 0))
         yield family
+    pacing = status.get("pacing") or {}
+    for name, help_text, value in (
+        ("wsgateway_gateway_reading_late", "1 while the gateway reads its sockets late and paces books and tickers",
+         int(bool(pacing.get("behind")))),
+        ("wsgateway_gateway_pacing_interval_ms", "While reading late, how often a book or ticker topic may go out (ms)",
+         pacing.get("interval_ms", 0)),
+    ):  # fmt: skip
+        family = GaugeMetricFamily(name, help_text)
+        family.add_metric([], value)
+        yield family
     quarantined = CounterMetricFamily(
         "wsgateway_gateway_quarantined",
         "Private items published to <class>.unknown instead of their routing key, by reason",
