@@ -70,7 +70,9 @@ def percentile(values: list[float], q: float) -> float | None:
 def consume(url: str, classes: tuple[str, ...], results: Connection, idle_stop: float = 2.0) -> None:
     """Read the bench service's queues of `classes` until told to stop and they stay idle; send the tallies back.
 
-    Latencies count only from the "measure" message until "stop" (the overload window).
+    Latencies count only from the "measure" message until "stop" (the overload window). An order
+    counts once, at its first copy, as for a consumer that dedupes by id: a late joiner's REST
+    snapshot or a back-fill may send one again later, with the same id and its old exchange time.
     """
     from streaming.publisher import amqp_params
 
@@ -82,19 +84,32 @@ def consume(url: str, classes: tuple[str, ...], results: Connection, idle_stop: 
     trade_messages: dict[str, set[int]] = {}
     trade_seqs: dict[str, set[int]] = {}
     tally: dict[str, Any] = {"received": 0, "books_inconsistent": 0, "gaps": 0, "crossed": 0, "conflated": 0,
-                             "delta_before_snapshot": 0, "orders": 0}  # fmt: skip
-    latencies: dict[str, list[float]] = {name: [] for name in (*CLASSES, "read_lag")}
+                             "delta_before_snapshot": 0, "orders": 0, "orders_from_rest": 0,
+                             "order_repeats": 0}  # fmt: skip
+    latencies: dict[str, list[float]] = {name: [] for name in (*CLASSES, "read_lag", "private_read_lag")}
     measuring = [False]
+    orders_seen: set[str] = set()
+    lag_by_second: dict[int, float] = {}
 
     def on_message(message: amqp.Message) -> None:
         now = time.time() * 1000
         event = orjson.loads(message.body)
         tally["received"] += 1
         cls, exchange_ts = event["class"], event.get("exchange_ts")
+        if cls == "order":
+            if event.get("source") == "rest":
+                tally["orders_from_rest"] += 1
+            if event["id"] in orders_seen:  # a consumer that dedupes by id takes the first copy
+                tally["order_repeats"] += 1
+                return
+            orders_seen.add(event["id"])
         if measuring[0] and exchange_ts is not None:  # a back-fill's resync marker has no exchange time
             latencies.setdefault(cls, []).append(now - exchange_ts)
+            read_lag = event["received_ts"] - exchange_ts
+            latencies["private_read_lag" if cls == "order" else "read_lag"].append(read_lag)
             if cls != "order":
-                latencies["read_lag"].append(event["received_ts"] - exchange_ts)
+                second = event["received_ts"] // 1000
+                lag_by_second[second] = max(lag_by_second.get(second, 0), read_lag)
         if cls == "orderbook":
             topic, data = event["topic"], event["data"]
             if event.get("conflated"):
@@ -146,6 +161,7 @@ def consume(url: str, classes: tuple[str, ...], results: Connection, idle_stop: 
     # Trade seq is +1 per trade from 1 (simulator): a hole below the highest seq received is a lost trade.
     tally["trade_seq_holes"] = sum(max(seqs) - len(seqs) for seqs in trade_seqs.values())
     tally["latencies"] = {name: values for name, values in latencies.items()}
+    tally["lag_by_second"] = [lag_by_second[k] for k in sorted(lag_by_second)]
     results.send(tally)
 
 
@@ -242,7 +258,11 @@ def run(events_per_s: float, seconds: float = 20.0, symbols: int = 200) -> dict[
     market_sent = sum(n - sent_before.get(key, 0) for key, n in sent.items() if not key.startswith("private:"))
     trades_sent = {key.split(":", 1)[1]: n for key, n in sent.items() if ":publicTrade." in key}
     trades_lost = sum(max(0, n - tally["trade_messages"].get(topic, 0)) for topic, n in trades_sent.items())
-    lat = {**tally["latencies"], "order": private_tally["latencies"]["order"]}
+    lat = {
+        **tally["latencies"],
+        "order": private_tally["latencies"]["order"],
+        "private_read_lag": private_tally["latencies"]["private_read_lag"],
+    }
     market_lat = lat["orderbook"] + lat["ticker"] + lat["trade"]
     return {
         "offered_per_s": round(market_sent / elapsed),
@@ -257,9 +277,12 @@ def run(events_per_s: float, seconds: float = 20.0, symbols: int = 200) -> dict[
         "read_lag_p50_ms": percentile(lat["read_lag"], 0.5),
         "read_lag_p99_ms": percentile(lat["read_lag"], 0.99),
         "private_p99_ms": percentile(lat["order"], 0.99),
+        "private_read_lag_p99_ms": percentile(lat["private_read_lag"], 0.99),
         "private_max_ms": round(max(lat["order"]), 1) if lat["order"] else None,
         "orders_sent": len(orders),
         "orders_received": private_tally["orders"],
+        "order_repeats": private_tally["order_repeats"],
+        "orders_from_rest": private_tally["orders_from_rest"],
         "trade_messages_sent": sum(trades_sent.values()),
         "trades_lost": trades_lost,
         "trade_seq_holes": tally["trade_seq_holes"],
@@ -277,6 +300,7 @@ def run(events_per_s: float, seconds: float = 20.0, symbols: int = 200) -> dict[
         "handoff_depth_median": statistics.median(handoff),
         "in_flight_median": statistics.median(in_flight),
         "broker_backlog_at_end": backlog,
+        "read_lag_max_by_second": tally["lag_by_second"],
     }
 
 
