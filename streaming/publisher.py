@@ -73,6 +73,8 @@ ACK_METHODS = (b"\x00\x3c\x00\x50", b"\x00\x3c\x00\x78")  # basic.ack, basic.nac
 RETURN_METHOD = b"\x00\x3c\x00\x32"  # basic.return: a mandatory publish reached no queue
 LAG_WINDOW_MS = 60_000  # the read-lag baseline is the lowest lag of the last one or two such windows
 BEHIND_HOLD_MS = 2_000  # a late read keeps the hand-off conflating on time for this long after it
+LATE_FOR_MS = 250  # late reads must go on this long (no pause over LATE_GAP_MS) to count: a hiccup does not
+LATE_GAP_MS = 100
 CAPABILITIES = {  # what RabbitMQ may use on this connection
     "publisher_confirms": True,
     "basic.nack": True,
@@ -184,7 +186,9 @@ class Pacing:
     A frame's read lag is the time from its exchange `ts` to the moment the gateway read it. It
     is late when it is `limit_ms` above the lowest read lag of the last minute or two (so a
     steady network delay or clock offset does not count; the baseline stands still while the
-    gateway is behind). Behind lasts `BEHIND_HOLD_MS` after the last late frame. Meanwhile each
+    gateway is behind). Late frames for `LATE_FOR_MS` on end put the gateway behind (one pause,
+    a collection or a busy scheduler, makes a burst of late frames and then none: not behind),
+    and behind lasts `BEHIND_HOLD_MS` after the last late frame. Meanwhile each
     book and ticker topic goes out at most once per `interval_ms`, which starts at `base_ms` and
     doubles, up to `max_ms`, for each hold the gateway stays behind: the longer the overload,
     the less RabbitMQ and consumers are given, until the sockets are read on time again.
@@ -194,6 +198,7 @@ class Pacing:
         self.limit_ms, self.base_ms, self.max_ms = limit_ms, base_ms, max(base_ms, max_ms)
         self.interval_ms = base_ms
         self.behind_until = self.widen_at = 0  # ms, like received_ts
+        self.late_since = self.last_late = -(1 << 62)  # the run of late frames going on, if any
         self.floor = self.window_min = 1 << 62  # the previous window's lowest read lag, and this one's
         self.window_end = 0
 
@@ -208,6 +213,11 @@ class Pacing:
         if received >= self.window_end and not behind:
             self.floor, self.window_min, self.window_end = self.window_min, lag, received + LAG_WINDOW_MS
         if lag - min(self.floor, self.window_min) > self.limit_ms:
+            if received - self.last_late > LATE_GAP_MS:
+                self.late_since = received
+            self.last_late = received
+            if not behind and received - self.late_since < LATE_FOR_MS:
+                return False
             if not behind:
                 self.interval_ms, self.widen_at = self.base_ms, received + BEHIND_HOLD_MS
             elif received >= self.widen_at:

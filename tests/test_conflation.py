@@ -14,7 +14,7 @@ import orjson
 
 from streaming.envelope import DataFrame, Envelopes, Event
 from streaming.marketstate import MarketState, OrderBook
-from streaming.publisher import BEHIND_HOLD_MS, LAG_WINDOW_MS, Handoff, Pacing
+from streaming.publisher import BEHIND_HOLD_MS, LAG_WINDOW_MS, LATE_FOR_MS, Handoff, Pacing
 
 BOOK = "orderbook.50.BTCUSDT"
 
@@ -143,44 +143,53 @@ def test_below_the_threshold_every_delta_is_sent() -> None:
     assert [b["u"] for b in taken(handoff)] == list(range(1, 202))
 
 
-def test_a_steady_read_lag_is_not_late_but_a_rise_above_it_is() -> None:
+def test_a_steady_read_lag_is_not_late_nor_is_one_hiccup_but_a_lasting_rise_is() -> None:
     pacing = Pacing(limit_ms=100, base_ms=100, max_ms=400)
     # Every frame read 3 s after its exchange time (a clock offset, a long link): the usual, not late.
     assert not any(pacing.late(t, t - 3_000) for t in range(0, 10_000, 20))
-    assert pacing.late(10_000, 10_000 - 3_200)  # 200 ms later than usual
-    assert pacing.late(10_500, 10_500 - 3_000)  # read on time again, but still behind for a hold
-    assert not pacing.late(10_000 + BEHIND_HOLD_MS + 1, 10_000 + BEHIND_HOLD_MS + 1 - 3_000)
+    # One 200 ms pause: the frames it held up are read in a burst, late, then all is on time again.
+    assert not any(pacing.late(t, t - 3_200) for t in range(10_000, 10_010))
+    assert not any(pacing.late(t, t - 3_000) for t in range(10_020, 12_000, 20))
+    # 200 ms later than usual, on and on: behind once it has lasted LATE_FOR_MS, and for a hold after.
+    late = [pacing.late(t, t - 3_200) for t in range(12_000, 13_000, 10)]
+    assert late.index(True) * 10 == LATE_FOR_MS and all(late[late.index(True) :])
+    assert pacing.late(13_500, 13_500 - 3_000)  # read on time again, but still behind for a hold
+    assert not pacing.late(13_000 + BEHIND_HOLD_MS, 13_000 + BEHIND_HOLD_MS - 3_000)
 
 
 def test_the_longer_the_gateway_stays_behind_the_less_often_a_topic_goes_out() -> None:
     pacing = Pacing(limit_ms=100, base_ms=100, max_ms=400)
     pacing.late(0, 0)
+    start = 1 + LATE_FOR_MS
+    assert not any(pacing.late(t, t - 200) for t in range(1, start))  # every frame 200 ms late
     intervals = {}
-    for t in range(1, 4 * BEHIND_HOLD_MS, 20):  # every frame 200 ms late
+    for t in range(start, start + 4 * BEHIND_HOLD_MS, 20):
         assert pacing.late(t, t - 200)
-        intervals[t // BEHIND_HOLD_MS] = pacing.interval_ms
+        intervals[(t - start) // BEHIND_HOLD_MS] = pacing.interval_ms
     assert intervals == {0: 100, 1: 200, 2: 400, 3: 400}
     # A long overload does not become the new usual: still late after several baseline windows.
     assert all(pacing.late(t, t - 200) for t in range(4 * BEHIND_HOLD_MS, 3 * LAG_WINDOW_MS, 100))
     # Caught up for a hold, then behind again: back to the short interval.
     t = 3 * LAG_WINDOW_MS + BEHIND_HOLD_MS
     assert not pacing.late(t, t)
-    assert pacing.late(t + 1, t + 1 - 200) and pacing.interval_ms == 100
+    again = [pacing.late(u, u - 200) for u in range(t + 1, t + 1 + 2 * LATE_FOR_MS, 10)]
+    assert again.index(True) * 10 == LATE_FOR_MS and pacing.interval_ms == 100
 
 
 def test_while_reading_late_a_book_goes_out_once_an_interval_as_its_newest_state() -> None:
     envelopes = Envelopes("run", MarketState())
     handoff = Handoff(100_000, render=envelopes.latest, pacing=Pacing(limit_ms=100, base_ms=100, max_ms=100))
     now = time.time_ns() // 1_000_000
-    frames = book_frames(200, ts_of=lambda u: now if u == 1 else now - 500)  # deltas read 500 ms late
+    handoff.pacing.late(now - 1_000, now - 1_000)  # read on time a second ago, and 500 ms late since
+    assert not any(handoff.pacing.late(t, t - 500) for t in range(now - LATE_FOR_MS, now, 50))
+    frames = book_frames(200, ts_of=lambda u: now - 500)
     queued = sum(offer(envelopes, handoff, raw) for raw in frames)
     trade = {"topic": "publicTrade.BTCUSDT", "ts": now - 500, "data": [{"i": "t1", "p": "1", "v": "1"}]}
     offer(envelopes, handoff, orjson.dumps(trade).decode())
-    # The snapshot, the first late delta (its interval starts), one held place for the other 199.
-    assert (queued, handoff.conflated, len(handoff.held)) == (3, 198, 1)
+    # The snapshot goes out (its topic's interval starts), then one held place for the 200 deltas.
+    assert (queued, handoff.conflated, len(handoff.held)) == (2, 199, 1)
     first = taken(handoff)
-    assert [(b["class"], b["type"]) for b in first] == [("orderbook", "snapshot"), ("orderbook", "delta"),
-                                                        ("trade", "snapshot")]  # fmt: skip
+    assert [(b["class"], b["type"]) for b in first] == [("orderbook", "snapshot"), ("trade", "snapshot")]
     assert handoff.release(now) == 0  # its interval is not over yet
     assert handoff.release(time.time_ns() // 1_000_000 + 100) == 1
     (latest,) = taken(handoff)
@@ -189,5 +198,5 @@ def test_while_reading_late_a_book_goes_out_once_an_interval_as_its_newest_state
     for raw in frames:
         message = orjson.loads(raw)
         truth.apply(message["type"], message["data"])
-    rebuilt = rebuild([*first[:2], latest])
+    rebuilt = rebuild([first[0], latest])
     assert rebuilt.top(100) == truth.top(100) and rebuilt.u == truth.u
