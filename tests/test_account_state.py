@@ -111,6 +111,14 @@ def test_a_position_closed_while_the_private_socket_was_away_is_repaired_from_re
         return any(m.get("source") == "rest" and m.get("data") == closed["data"][0] for m in messages)
 
     reader.wait(repaired, message="the closed position's last state, from REST")
+    at = closed["creationTime"]
+
+    def resynced(messages: list[dict]) -> list[dict]:
+        return [m for m in messages if m.get("type") == "resync" and m["from_ts"] <= at <= m["to_ts"]]
+
+    reader.wait(lambda m: resynced(m), message="the resync event naming the repaired window")
+    # Both positions' states: the open one Bybit lists, the closed one asked for by its symbol.
+    assert all(r["class"] == "position" and r["counts"] == {"events": 2} for r in resynced(reader.messages))
     wait_for(lambda: served() == {"BTCUSDT"}, message="the closed position no longer served")
     reader.close()
 
