@@ -203,7 +203,7 @@ class Pacing:
         self.window_end = 0
 
     def late(self, received: int, exchange_ts: object) -> bool:
-        """Whether the gateway is behind: this frame, or one in the last `BEHIND_HOLD_MS`, was read late."""
+        """Whether the gateway is behind (see the class), given a book or ticker frame just read."""
         if type(exchange_ts) is not int:
             return received < self.behind_until
         lag = received - exchange_ts
@@ -306,9 +306,9 @@ class Handoff:
             self.put(event)
         return len(frame.events)
 
-    def release(self, now_ms: int) -> int:
-        """Queue the held places whose topic's interval is over; return how many."""
-        due = [key for key in self.held if self.next_at.get(key, 0) <= now_ms]
+    def release(self, now_ms: int, every: bool = False) -> int:
+        """Queue the held places whose topic's interval is over (`every`: all of them); return how many."""
+        due = [key for key in self.held if every or self.next_at.get(key, 0) <= now_ms]
         for key in due:
             self.put_market(self.held.pop(key))
             self.next_at[key] = now_ms + self.pacing.interval_ms
@@ -933,7 +933,7 @@ class Publisher:
         """Wait until everything handed off is confirmed; False if `timeout` came first."""
         deadline = time.monotonic() + timeout
         while self.in_flight or len(self.handoff):
-            self.handoff.release(1 << 62)  # books and tickers held for their interval go now
+            self.handoff.release(time.time_ns() // 1_000_000, every=True)  # held books and tickers go now
             self.settled_event.clear()
             self.kick()
             remaining = deadline - time.monotonic()

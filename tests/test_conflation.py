@@ -200,3 +200,8 @@ def test_while_reading_late_a_book_goes_out_once_an_interval_as_its_newest_state
         truth.apply(message["type"], message["data"])
     rebuilt = rebuild([first[0], latest])
     assert rebuilt.top(100) == truth.top(100) and rebuilt.u == truth.u
+    # A flush (shutdown, handover) sends what is held at once, its interval over or not.
+    delta = {"s": "BTCUSDT", "b": [["29990.0", "0"]], "a": [], "u": 202, "seq": 202}
+    offer(envelopes, handoff, orjson.dumps({"topic": BOOK, "type": "delta", "ts": now - 500, "data": delta}).decode())
+    assert len(handoff.held) == 1 and handoff.release(now, every=True) == 1
+    assert [b["u"] for b in taken(handoff)] == [202]
