@@ -286,6 +286,11 @@ class Envelopes:
         )  # fmt: skip
 
 
+def now_ms() -> int:
+    """Wall-clock milliseconds, the unit of Bybit's times and of `received_ts`."""
+    return time.time_ns() // 1_000_000
+
+
 def envelope_head(
     event_id: str,
     event_class: str,

@@ -24,7 +24,7 @@ from streaming.balances import BalanceWriter
 from streaming.bybit import PUBLIC_CATEGORIES, BybitSocket, SocketConfig, endpoints
 from streaming.bybitrest import BybitRest
 from streaming.circuit import Breakers, ConnectionBudget
-from streaming.envelope import ControlReply, DataFrame, Envelopes, Malformed
+from streaming.envelope import ControlReply, DataFrame, Envelopes, Malformed, now_ms
 from streaming.lock import Lease, OwnerLock, wait_or_timeout
 from streaming.marketstate import LastValueCache, MarketState
 from streaming.publisher import Handoff, Pacing, Publisher
@@ -157,7 +157,7 @@ async def release_held(handoff: Handoff, publisher: Publisher, stop: asyncio.Eve
     """While the gateway reads late, queue each held book and ticker once its topic's interval is over."""
     while not stop.is_set():
         await wait_or_timeout(stop, handoff.pacing.base_ms / 2000)
-        if handoff.held and handoff.release(time.time_ns() // 1_000_000):
+        if handoff.held and handoff.release(now_ms()):
             publisher.kick()
 
 

@@ -57,7 +57,7 @@ from streaming.confirms import (
     decode_method,
     message_id,
 )
-from streaming.envelope import DataFrame, Event
+from streaming.envelope import DataFrame, Event, now_ms
 from subscriptions.topics import EXCHANGE
 from wsgateway.logging import LogThrottle
 
@@ -933,7 +933,7 @@ class Publisher:
         """Wait until everything handed off is confirmed; False if `timeout` came first."""
         deadline = time.monotonic() + timeout
         while self.in_flight or len(self.handoff):
-            self.handoff.release(time.time_ns() // 1_000_000, every=True)  # held books and tickers go now
+            self.handoff.release(now_ms(), every=True)  # held books and tickers go now
             self.settled_event.clear()
             self.kick()
             remaining = deadline - time.monotonic()

@@ -27,8 +27,9 @@ import structlog
 
 from streaming.balances import rows_from_wallet
 from streaming.bybitrest import BybitRest, BybitRestError
-from streaming.envelope import PRIVATE_IDS, Event, envelope_head
+from streaming.envelope import PRIVATE_IDS, Event, envelope_head, now_ms
 from streaming.lock import wait_or_timeout
+from streaming.marketstate import position_key
 from wsgateway.logging import LogThrottle
 
 if TYPE_CHECKING:
@@ -45,10 +46,6 @@ CONFIRM_POLL = 0.05
 # What a repair can fail on: Bybit (refused, unreachable, a reply of another shape), Redis. Each is retried.
 REPAIR_ERRORS = (BybitRestError, OSError, httpx.HTTPError, aioredis.RedisError, ValueError, KeyError, TypeError)
 TIME_FIELDS = {"order": "updatedTime", "execution": "execTime", "position": "updatedTime"}
-
-
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 def as_streamed(item: dict[str, Any], category: str) -> dict[str, Any]:
@@ -88,9 +85,9 @@ def resync_event(
     return Event(event_id, event_id, event_class, f"{event_class}.resync", body, True, "resync", received_ts, epoch)
 
 
-def position_of(item: dict[str, Any]) -> tuple[str, str, str]:
-    """A position's key as the account cache names it: (category, symbol, positionIdx)."""
-    return item.get("category", ""), item.get("symbol", ""), str(item.get("positionIdx", 0))
+def cache_field(position: dict[str, Any]) -> str:
+    """The account cache's field for a position (marketstate.position_key)."""
+    return position_key("", position.get("category", ""), position.get("symbol", ""), position.get("positionIdx", 0))[1]
 
 
 def latest_orders(items: Iterable[dict[str, Any]], since_ms: int) -> list[dict[str, Any]]:
@@ -312,24 +309,19 @@ class Recovery:
             for category in ORDER_CATEGORIES:
                 items += [as_streamed(i, category) for i in await self.rest.open_orders(category)]
         elif event_class == "position":
-            held = await self.held_positions()
+            held = await self.gateway.cache.held("position")  # `<category>:<symbol>:<positionIdx>`
             for category in POSITION_CATEGORIES:
                 found = [as_streamed(i, category) for i in await self.rest.positions(category)]
-                listed = {position_of(i) for i in found}
+                listed = {cache_field(i) for i in found}
                 # Bybit lists open positions only: one closed while nobody listened is asked for by symbol.
-                for symbol in sorted({s for c, s, idx in held - listed if c == category}):
+                for symbol in sorted({f.split(":")[1] for f in held - listed if f.startswith(f"{category}:")}):
                     by_symbol = [as_streamed(i, category) for i in await self.rest.positions(category, symbol=symbol)]
-                    found += [i for i in by_symbol if position_of(i) not in listed]
+                    found += [i for i in by_symbol if cache_field(i) not in listed]
                 items += found
         elif event_class == "balance":
             for account in WALLET_ACCOUNTS:
                 items += await self.rest.wallet_balance(account)
         return items
-
-    async def held_positions(self) -> set[tuple[str, str, str]]:
-        """(category, symbol, positionIdx) of each position the account cache holds as open."""
-        fields = await self.gateway.cache.held("position")
-        return {tuple(f.split(":", 2)) for f in fields if f.count(":") == 2}  # type: ignore[misc]
 
     def events(self, event_class: str, items: list[dict[str, Any]]) -> list[Event]:
         """REST items as events; the account cache and the balance writer take them as they take the stream's."""
