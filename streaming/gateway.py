@@ -157,7 +157,9 @@ async def release_held(handoff: Handoff, publisher: Publisher, stop: asyncio.Eve
     """While the gateway reads late, queue each held book and ticker once its topic's interval is over."""
     while not stop.is_set():
         await wait_or_timeout(stop, handoff.pacing.base_ms / 2000)
-        if handoff.held and handoff.release(now_ms()):
+        now = now_ms()
+        handoff.pacing.ease(now)
+        if handoff.held and handoff.release(now):
             publisher.kick()
 
 

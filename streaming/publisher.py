@@ -72,7 +72,8 @@ HEARTBEAT_FRAME = marshal(Heartbeat(), 0)
 ACK_METHODS = (b"\x00\x3c\x00\x50", b"\x00\x3c\x00\x78")  # basic.ack, basic.nack: the fast path
 RETURN_METHOD = b"\x00\x3c\x00\x32"  # basic.return: a mandatory publish reached no queue
 LAG_WINDOW_MS = 60_000  # the read-lag baseline is the lowest lag of the last one or two such windows
-BEHIND_HOLD_MS = 2_000  # a late read keeps the hand-off conflating on time for this long after it
+WIDEN_EVERY_MS = 250  # while reads stay late, the interval doubles this often
+EASE_EVERY_MS = 4_000  # reads on time this long halve the interval; below the base, pacing ends
 LATE_FOR_MS = 250  # late reads must go on this long (no pause over LATE_GAP_MS) to count: a hiccup does not
 LATE_GAP_MS = 100
 CAPABILITIES = {  # what RabbitMQ may use on this connection
@@ -187,17 +188,20 @@ class Pacing:
     is late when it is `limit_ms` above the lowest read lag of the last minute or two (so a
     steady network delay or clock offset does not count; the baseline stands still while the
     gateway is behind). Late frames for `LATE_FOR_MS` on end put the gateway behind (one pause,
-    a collection or a busy scheduler, makes a burst of late frames and then none: not behind),
-    and behind lasts `BEHIND_HOLD_MS` after the last late frame. Meanwhile each
-    book and ticker topic goes out at most once per `interval_ms`, which starts at `base_ms` and
-    doubles, up to `max_ms`, for each hold the gateway stays behind: the longer the overload,
-    the less RabbitMQ and consumers are given, until the sockets are read on time again.
+    a collection or a busy scheduler, makes a burst of late frames and then none: not behind).
+    Meanwhile each book and ticker topic goes out at most once per `interval_ms`: `base_ms` at
+    first, doubled every `WIDEN_EVERY_MS` while a read is still late (up to `max_ms`), so the hand-off
+    sheds what RabbitMQ and consumers are given fast enough to catch up before a backlog of
+    seconds builds in the sockets. Once reads are on time the interval halves every
+    `EASE_EVERY_MS`, and pacing ends below `base_ms`: a lasting overload settles on the
+    shortest interval it can keep up with instead of swinging between none and the longest.
     """
 
     def __init__(self, limit_ms: int = 100, base_ms: int = 100, max_ms: int = 1_000) -> None:
         self.limit_ms, self.base_ms, self.max_ms = limit_ms, base_ms, max(base_ms, max_ms)
         self.interval_ms = base_ms
-        self.behind_until = self.widen_at = 0  # ms, like received_ts
+        self.behind = False
+        self.changed_at = 0  # ms, like received_ts: the interval's last change
         self.late_since = self.last_late = -(1 << 62)  # the run of late frames going on, if any
         self.floor = self.window_min = 1 << 62  # the previous window's lowest read lag, and this one's
         self.window_end = 0
@@ -205,26 +209,37 @@ class Pacing:
     def late(self, received: int, exchange_ts: object) -> bool:
         """Whether the gateway is behind (see the class), given a book or ticker frame just read."""
         if type(exchange_ts) is not int:
-            return received < self.behind_until
+            return self.behind
         lag = received - exchange_ts
         if lag < self.window_min:
             self.window_min = lag
-        behind = received < self.behind_until
-        if received >= self.window_end and not behind:
+        if received >= self.window_end and not self.behind:
             self.floor, self.window_min, self.window_end = self.window_min, lag, received + LAG_WINDOW_MS
-        if lag - min(self.floor, self.window_min) > self.limit_ms:
-            if received - self.last_late > LATE_GAP_MS:
-                self.late_since = received
+        if lag - min(self.floor, self.window_min) <= self.limit_ms:
+            return self.behind
+        if self.behind:  # still late: widen, however sparse the reads (a held topic is not read again)
             self.last_late = received
-            if not behind and received - self.late_since < LATE_FOR_MS:
-                return False
-            if not behind:
-                self.interval_ms, self.widen_at = self.base_ms, received + BEHIND_HOLD_MS
-            elif received >= self.widen_at:
-                self.interval_ms, self.widen_at = min(2 * self.interval_ms, self.max_ms), received + BEHIND_HOLD_MS
-            self.behind_until = received + BEHIND_HOLD_MS
+            if received - self.changed_at >= WIDEN_EVERY_MS:
+                self.interval_ms, self.changed_at = min(2 * self.interval_ms, self.max_ms), received
             return True
-        return behind
+        if received - self.last_late > LATE_GAP_MS:
+            self.late_since = received
+        self.last_late = received
+        if received - self.late_since < LATE_FOR_MS:
+            return False
+        self.behind, self.interval_ms, self.changed_at = True, self.base_ms, received
+        return True
+
+    def ease(self, now_ms: int) -> None:
+        """Halve the interval once reads have been on time for `EASE_EVERY_MS`; below the base, stop pacing.
+
+        Called on a timer, not per frame: a feed that went quiet must not leave the gateway behind.
+        """
+        if self.behind and now_ms - max(self.last_late, self.changed_at) >= EASE_EVERY_MS:
+            self.interval_ms //= 2
+            self.changed_at = now_ms
+            if self.interval_ms < self.base_ms:
+                self.behind, self.interval_ms = False, self.base_ms
 
 
 class Handoff:

@@ -129,7 +129,7 @@ def status_record(gw: Gateway) -> dict[str, Any]:
         "handoff_depth": len(gw.handoff),
         "read_pauses": gw.handoff.read_pauses,
         "pacing": {  # reading late: each book and ticker goes out at most once per interval
-            "behind": gw.handoff.pacing.behind_until > time.time() * 1000,
+            "behind": gw.handoff.pacing.behind,
             "interval_ms": gw.handoff.pacing.interval_ms,
             "held": len(gw.handoff.held),
         },

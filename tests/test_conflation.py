@@ -14,7 +14,7 @@ import orjson
 
 from streaming.envelope import DataFrame, Envelopes, Event
 from streaming.marketstate import MarketState, OrderBook
-from streaming.publisher import BEHIND_HOLD_MS, LAG_WINDOW_MS, LATE_FOR_MS, Handoff, Pacing
+from streaming.publisher import EASE_EVERY_MS, LAG_WINDOW_MS, LATE_FOR_MS, WIDEN_EVERY_MS, Handoff, Pacing
 
 BOOK = "orderbook.50.BTCUSDT"
 
@@ -150,11 +150,17 @@ def test_a_steady_read_lag_is_not_late_nor_is_one_hiccup_but_a_lasting_rise_is()
     # One 200 ms pause: the frames it held up are read in a burst, late, then all is on time again.
     assert not any(pacing.late(t, t - 3_200) for t in range(10_000, 10_010))
     assert not any(pacing.late(t, t - 3_000) for t in range(10_020, 12_000, 20))
-    # 200 ms later than usual, on and on: behind once it has lasted LATE_FOR_MS, and for a hold after.
+    # 200 ms later than usual, on and on: behind once it has lasted LATE_FOR_MS, and until it eases.
     late = [pacing.late(t, t - 3_200) for t in range(12_000, 13_000, 10)]
     assert late.index(True) * 10 == LATE_FOR_MS and all(late[late.index(True) :])
-    assert pacing.late(13_500, 13_500 - 3_000)  # read on time again, but still behind for a hold
-    assert not pacing.late(13_000 + BEHIND_HOLD_MS, 13_000 + BEHIND_HOLD_MS - 3_000)
+    assert pacing.late(13_500, 13_500 - 3_000)  # read on time again, but still behind
+    now = 12_990 + EASE_EVERY_MS  # the last late read, and EASE_EVERY_MS on time
+    pacing.ease(now - 1)
+    assert pacing.behind and pacing.interval_ms == 400  # widened while the reads stayed late
+    while pacing.behind:
+        pacing.ease(now)
+        now += EASE_EVERY_MS
+    assert not pacing.late(now, now - 3_000)
 
 
 def test_the_longer_the_gateway_stays_behind_the_less_often_a_topic_goes_out() -> None:
@@ -163,16 +169,46 @@ def test_the_longer_the_gateway_stays_behind_the_less_often_a_topic_goes_out() -
     start = 1 + LATE_FOR_MS
     assert not any(pacing.late(t, t - 200) for t in range(1, start))  # every frame 200 ms late
     intervals = {}
-    for t in range(start, start + 4 * BEHIND_HOLD_MS, 20):
+    for t in range(start, start + 4 * WIDEN_EVERY_MS, 10):
         assert pacing.late(t, t - 200)
-        intervals[(t - start) // BEHIND_HOLD_MS] = pacing.interval_ms
+        intervals[(t - start) // WIDEN_EVERY_MS] = pacing.interval_ms
     assert intervals == {0: 100, 1: 200, 2: 400, 3: 400}
     # A long overload does not become the new usual: still late after several baseline windows.
-    assert all(pacing.late(t, t - 200) for t in range(4 * BEHIND_HOLD_MS, 3 * LAG_WINDOW_MS, 100))
-    # Caught up for a hold, then behind again: back to the short interval.
-    t = 3 * LAG_WINDOW_MS + BEHIND_HOLD_MS
-    assert not pacing.late(t, t)
-    again = [pacing.late(u, u - 200) for u in range(t + 1, t + 1 + 2 * LATE_FOR_MS, 10)]
+    assert all(pacing.late(t, t - 200) for t in range(start + 4 * WIDEN_EVERY_MS, 3 * LAG_WINDOW_MS, 100))
+    assert pacing.interval_ms == 400
+
+
+def test_while_behind_a_late_read_widens_however_sparse_the_reads_are() -> None:
+    # A held topic is not read again until its interval is over: the reads come in bursts.
+    pacing = Pacing(limit_ms=100, base_ms=100, max_ms=1_600)
+    pacing.late(0, 0)
+    entered = next(t for t in range(1, 2 * LATE_FOR_MS, 10) if pacing.late(t, t - 500))
+    assert pacing.interval_ms == 100
+    for t in range(entered + WIDEN_EVERY_MS, entered + 5 * WIDEN_EVERY_MS, WIDEN_EVERY_MS):
+        assert pacing.late(t, t - 500)  # one late read a widening apart, gaps far over LATE_GAP_MS
+    assert pacing.interval_ms == 1_600
+
+
+def test_once_on_time_the_interval_eases_step_by_step_and_pacing_ends_below_the_base() -> None:
+    pacing = Pacing(limit_ms=100, base_ms=100, max_ms=400)
+    pacing.late(0, 0)
+    t = 0
+    while pacing.interval_ms < 400:
+        t += 10
+        pacing.late(t, t - 200)
+    last_late = t
+    eased = []
+    for now in range(last_late, last_late + 4 * EASE_EVERY_MS + 1, 50):  # no frame at all: the timer alone
+        pacing.ease(now)
+        eased.append((pacing.behind, pacing.interval_ms))
+    assert [step for n, step in enumerate(eased) if n == 0 or step != eased[n - 1]] == [
+        (True, 400),
+        (True, 200),
+        (True, 100),
+        (False, 100),
+    ]
+    # Behind again later: from the base, as a new overload.
+    again = [pacing.late(u, u - 200) for u in range(t + 5 * EASE_EVERY_MS, t + 5 * EASE_EVERY_MS + 2 * LATE_FOR_MS, 10)]
     assert again.index(True) * 10 == LATE_FOR_MS and pacing.interval_ms == 100
 
 

@@ -194,7 +194,7 @@ def test_a_gateway_reading_late_sends_each_book_once_an_interval_and_trades_in_f
         assert book["type"] == "snapshot" or book["u"] == u + 1, (book["type"], book["u"], u)
         u = book["u"]
     pacing = runner.gateway.handoff.pacing
-    assert pacing.interval_ms == 250 and pacing.behind_until > 0
+    assert pacing.interval_ms == 250 and pacing.behind
     trades.wait(lambda m: len(m) >= 10, message="trades")
     seqs = trade_seqs(trades.messages)
     assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))  # never paced: every trade, in order

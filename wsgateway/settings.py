@@ -290,7 +290,8 @@ GATEWAY_CONFIRM_WINDOW = env_int("GATEWAY_CONFIRM_WINDOW", 2_000, 1)
 GATEWAY_CONFLATE_AT = env_int("GATEWAY_CONFLATE_AT", 1_000, 0)
 # While the gateway reads frames this many ms later than its usual read lag, each book and
 # ticker topic is published at most once per GATEWAY_CONFLATE_INTERVAL_MS (its newest state),
-# an interval that doubles every 2 s the gateway stays behind, up to ..._MAX_INTERVAL_MS.
+# an interval that doubles every 250 ms reads stay late, up to ..._MAX_INTERVAL_MS, and halves
+# every 4 s they are on time (below ..._INTERVAL_MS pacing ends).
 GATEWAY_LAG_LIMIT_MS = env_int("GATEWAY_LAG_LIMIT_MS", 100, 1)
 GATEWAY_CONFLATE_INTERVAL_MS = env_int("GATEWAY_CONFLATE_INTERVAL_MS", 100, 1)
 GATEWAY_CONFLATE_MAX_INTERVAL_MS = env_int("GATEWAY_CONFLATE_MAX_INTERVAL_MS", 1_000, 1)
