@@ -32,6 +32,7 @@ PRIVATE_SUFFIXES = ("spot", "linear", "inverse", "option", "fast")
 # queue of its class receives through its `<class>.#` binding (docs/gateway.md, quarantine).
 QUARANTINE_SUFFIX = ".unknown"
 MAX_ID_BYTES = 200  # of a content-derived id: AMQP's message_id is a shortstr (255 bytes)
+MAX_ROUTES = 20_000  # public topics whose route is remembered (a gateway holds a few thousand)
 
 
 @dataclass(slots=True)
@@ -94,6 +95,37 @@ class DataFrame:
 Frame = ControlReply | Malformed | DataFrame
 
 
+@dataclass(frozen=True, slots=True)
+class Route:
+    """What every frame of one public topic shares, worked out from its name once."""
+
+    key: tuple[str, str]  # (socket category, Bybit topic): the key of its book
+    event_class: str
+    symbol: str
+    param: str  # the depth or interval of the topic
+    routing_key: str
+    book: bool
+    ticker: bool
+
+
+def public_route(category: str, topic: str) -> Route | None:
+    """The route of a public topic, or None when its name is not one Bybit publishes."""
+    head, _, rest = topic.partition(".")
+    spec = CHANNEL_BY_BYBIT.get(head)
+    if spec is None or spec.private or not rest:
+        return None
+    if spec.has_depth or spec.has_interval:
+        param, _, symbol = rest.partition(".")
+        if not symbol:
+            return None
+        routing_key = f"{spec.event_class}.{category}.{symbol}.{param}"
+    else:
+        param, symbol = "", rest
+        routing_key = f"{spec.event_class}.{category}.{symbol}"
+    ticker = spec.event_class == "ticker"
+    return Route((category, topic), spec.event_class, symbol, param, routing_key, spec.has_depth, ticker)
+
+
 class Envelopes:
     """Turns frames into events; owns the frame counter behind trace ids and market ids."""
 
@@ -104,6 +136,7 @@ class Envelopes:
         self.frame_no = 0
         self.state = state
         self.epoch = 0  # set by the gateway from its lease
+        self.routes: dict[tuple[str, str], Route] = {}  # (socket category, Bybit topic) -> what its frames share
 
     def handle(self, raw: str | bytes, category: str) -> Frame:
         """Classify and wrap one frame received on a socket of `category` ("private" for the private one)."""
@@ -130,31 +163,28 @@ class Envelopes:
         return self.public_frame(msg, topic, category, trace_id, received_ts)
 
     def public_frame(self, msg: dict[str, Any], topic: str, category: str, trace_id: str, received_ts: int) -> Frame:
-        head, _, rest = topic.partition(".")
-        spec = CHANNEL_BY_BYBIT.get(head)
-        if spec is None or spec.private or not rest:
-            return Malformed("unknown topic", topic)
+        key = (category, topic)
+        route = self.routes.get(key)
+        if route is None:
+            route = public_route(category, topic)
+            if route is None:
+                return Malformed("unknown topic", topic)
+            if len(self.routes) >= MAX_ROUTES:  # topics nobody subscribed to must not grow it for ever
+                self.routes.clear()
+            self.routes[key] = route
         data = msg.get("data")
         if data is None:
             return Malformed("missing data", topic)
-        if spec.has_depth or spec.has_interval:
-            param, _, symbol = rest.partition(".")
-            if not symbol:
-                return Malformed("unknown topic", topic)
-            routing_key = f"{spec.event_class}.{category}.{symbol}.{param}"
-        else:
-            param, symbol = "", rest
-            routing_key = f"{spec.event_class}.{category}.{symbol}"
         kind = msg.get("type", "snapshot")
-        frame = DataFrame(topic, msg, spec.event_class, category, symbol, param)
+        frame = DataFrame(topic, msg, route.event_class, category, route.symbol, route.param)
         state: dict[str, Any] = {}
-        if spec.has_depth:
+        if route.book:
             if not isinstance(data, dict):
                 return Malformed("orderbook data is not an object", topic)
             u, seq = data.get("u"), data.get("seq")
             if self.state is not None:
                 try:
-                    update = self.state.book(category, topic, kind, data)
+                    update = self.state.book(route.key, kind, data)
                 except (KeyError, TypeError, ValueError, InvalidOperation):
                     return Malformed("orderbook data without u, b or a", topic)
                 state["consistent"] = frame.conflatable = update.consistent
@@ -163,18 +193,18 @@ class Envelopes:
                     frame.gap = True
         else:
             u, seq = None, msg.get("cs")
-            if self.state is not None and spec.event_class == "ticker" and isinstance(data, dict):
-                frame.merged = state["merged"] = self.state.ticker(category, symbol, kind, data)
+            if self.state is not None and route.ticker and isinstance(data, dict):
+                frame.merged = state["merged"] = self.state.ticker(category, route.symbol, kind, data)
                 frame.conflatable = True
         event_id = f"{trace_id}-0"
         # envelope_head's fields, written out: one dict per market event, not two.
         body = orjson.dumps({
-            "id": event_id, "class": spec.event_class, "topic": topic, "category": category, "symbol": symbol,
+            "id": event_id, "class": route.event_class, "topic": topic, "category": category, "symbol": route.symbol,
             "type": kind, "exchange_ts": msg.get("ts"), "received_ts": received_ts, "trace_id": trace_id,
             "u": u, "seq": seq, "cts": msg.get("cts"), "data": data, **state,
         })  # fmt: skip
         frame.events.append(
-            Event(event_id, trace_id, spec.event_class, routing_key, body, False, topic, received_ts, self.epoch)
+            Event(event_id, trace_id, route.event_class, route.routing_key, body, False, topic, received_ts, self.epoch)
         )
         return frame
 

@@ -133,11 +133,11 @@ class MarketState:
         self.gaps = 0
         self.repairs = 0
 
-    def book(self, category: str, topic: str, kind: str, data: dict[str, Any]) -> BookUpdate:
-        """Apply one order-book message; the topic's book is created by its first message."""
-        book = self.books.get((category, topic))
+    def book(self, key: tuple[str, str], kind: str, data: dict[str, Any]) -> BookUpdate:
+        """Apply one order-book message to the book of `key` (category, topic), made by its first message."""
+        book = self.books.get(key)
         if book is None:
-            book = self.books[(category, topic)] = OrderBook()
+            book = self.books[key] = OrderBook()
         update = book.apply(kind, data)
         if update.gap:
             self.gaps += 1

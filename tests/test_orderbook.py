@@ -71,12 +71,12 @@ def test_price_keys_are_decimal_safe() -> None:
 
 def test_a_skipped_update_id_is_a_gap_until_the_next_snapshot() -> None:
     books = MarketState()
-    books.book("linear", "orderbook.50.BTCUSDT", "snapshot", {"b": [["1", "1"]], "a": [["2", "1"]], "u": 10})
-    gap = books.book("linear", "orderbook.50.BTCUSDT", "delta", {"b": [], "a": [], "u": 12})
+    books.book(("linear", "orderbook.50.BTCUSDT"), "snapshot", {"b": [["1", "1"]], "a": [["2", "1"]], "u": 10})
+    gap = books.book(("linear", "orderbook.50.BTCUSDT"), "delta", {"b": [], "a": [], "u": 12})
     assert (gap.gap, gap.consistent, gap.expected_u, gap.received_u) == (True, False, 11, 12)
-    stale = books.book("linear", "orderbook.50.BTCUSDT", "delta", {"b": [], "a": [], "u": 13})
+    stale = books.book(("linear", "orderbook.50.BTCUSDT"), "delta", {"b": [], "a": [], "u": 13})
     assert not stale.consistent and not stale.gap
-    fresh = books.book("linear", "orderbook.50.BTCUSDT", "snapshot", {"b": [], "a": [["3", "1"]], "u": 40})
+    fresh = books.book(("linear", "orderbook.50.BTCUSDT"), "snapshot", {"b": [], "a": [["3", "1"]], "u": 40})
     assert fresh.consistent and fresh.replaced and books.gaps == 1
 
 
