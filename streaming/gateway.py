@@ -308,7 +308,7 @@ class Gateway:
             self.start(self.recovery.keep_watermark(self.redis, stop, self.config.status_interval), "watermark"),
             self.start(release_held(self.handoff, self.publisher, stop), "conflation"),
         ]
-        writers = [self.start(self.cache.run(stop), "lvc"), self.start(self.balances.run(stop), "balances")]
+        writers = [self.start(self.cache.run(stop, self.handoff.pacing), "lvc"), self.start(self.balances.run(stop), "balances")]
         await stop.wait()
         return await self.shutdown(loops, writers, publishing, publisher_stop)
 

@@ -42,6 +42,7 @@ from wsgateway.logging import LogThrottle
 if TYPE_CHECKING:
     from streaming.balances import BalanceWriter
     from streaming.envelope import DataFrame
+    from streaming.publisher import Pacing
 
 log = structlog.get_logger(__name__)
 
@@ -370,15 +371,19 @@ class LastValueCache:
         self.writes += len(batch)
         return len(batch)
 
-    async def run(self, stop: asyncio.Event) -> None:
+    async def run(self, stop: asyncio.Event, pacing: Pacing | None = None) -> None:
         while not stop.is_set():
             started = time.perf_counter()
             await self.flush()
             # Under load a flush renders hundreds of books: then wait longer, so the cache never
-            # takes more than 1/(1 + FLUSH_DUTY_FACTOR) of the loop from the event path.
-            spent = time.perf_counter() - started
+            # takes more than 1/(1 + FLUSH_DUTY_FACTOR) of the loop from the event path. While
+            # the gateway reads late, it is written once per pacing interval: no fresher than
+            # what consumers are given, and the CPU goes to reading the sockets.
+            wait = max(self.interval, (time.perf_counter() - started) * FLUSH_DUTY_FACTOR)
+            if pacing is not None and pacing.behind:
+                wait = max(wait, pacing.interval_ms / 1000)
             try:
-                await asyncio.wait_for(stop.wait(), max(self.interval, spent * FLUSH_DUTY_FACTOR))
+                await asyncio.wait_for(stop.wait(), wait)
             except TimeoutError:
                 pass
         await self.flush()

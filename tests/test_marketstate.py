@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
+import time
+
 import orjson
 import redis.asyncio as aioredis
 
 from streaming.balances import BalanceWriter
 from streaming.envelope import DataFrame, Envelopes
 from streaming.marketstate import LastValueCache, MarketState, book_key, ticker_key, trade_key
+from streaming.publisher import Pacing
 
 BOOK = "orderbook.50.BTCUSDT"
 
@@ -79,3 +84,34 @@ def test_leaving_a_topic_forgets_its_book_ticker_and_cached_values() -> None:
     cache = state.cache
     assert cache is not None and cache.dirty == {}
     assert cache.gone == {book_key("p:", "linear", "BTCUSDT", 50), ticker_key("p:", "linear", "BTCUSDT")}
+
+
+def cache_writes_while_a_ticker_changes(pacing: Pacing, seconds: float) -> int:
+    """How many times a ticker that changes every 5 ms is written to Redis in `seconds` of the cache's task."""
+
+    async def run() -> int:
+        client = aioredis.from_url("redis://127.0.0.1:6379")
+        cache = LastValueCache(client, f"test-lvc-{os.getpid()}:", book_depth=5, interval=0.01)
+        stop = asyncio.Event()
+        task = asyncio.create_task(cache.run(stop, pacing))
+        deadline = time.monotonic() + seconds
+        n = 0
+        while time.monotonic() < deadline:
+            n += 1
+            cache.ticker("linear", "BTCUSDT", {"lastPrice": str(n)}, n)
+            await asyncio.sleep(0.005)
+        stop.set()
+        await task
+        await client.delete(*[key async for key in client.scan_iter(match=f"{cache.prefix}*")] or ["-"])
+        await client.aclose()
+        return cache.writes
+
+    return asyncio.run(run())
+
+
+def test_while_the_gateway_reads_late_the_cache_is_written_once_a_pacing_interval() -> None:
+    on_time = Pacing(limit_ms=100, base_ms=100, max_ms=500)
+    assert cache_writes_while_a_ticker_changes(on_time, 1.0) >= 20  # every 10 ms or so
+    behind = Pacing(limit_ms=100, base_ms=100, max_ms=500)
+    behind.behind, behind.interval_ms = True, 500
+    assert cache_writes_while_a_ticker_changes(behind, 1.0) <= 4  # at 0, 0.5 and 1 s, and the last flush
