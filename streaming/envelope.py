@@ -85,11 +85,16 @@ class DataFrame:
     category: str  # the socket's category ("private" for the private socket)
     symbol: str = ""
     param: str = ""  # the depth or interval of the topic
+    trace_id: str = ""  # of a public frame: its event's, and of a snapshot rendered from it
+    received_ts: int = 0
+    routing_key: str = ""
+    extra: dict[str, Any] | None = None  # the market-state fields of its envelope (`consistent`, `gap`, `merged`)
     events: list[Event] = field(default_factory=list)
     gap: bool = False  # an order-book `u` was skipped: the topic needs a fresh snapshot
     merged: dict[str, Any] | None = None  # the complete ticker
     quarantined: tuple[Quarantined, ...] = ()  # private items published to `<class>.unknown`
     conflatable: bool = False  # a book or ticker whose newest state the gateway holds whole (Envelopes.latest)
+    pending: bool = False  # its event is not made yet: Envelopes.event makes it if it is published as it is
 
 
 Frame = ControlReply | Malformed | DataFrame
@@ -137,6 +142,9 @@ class Envelopes:
         self.state = state
         self.epoch = 0  # set by the gateway from its lease
         self.routes: dict[tuple[str, str], Route] = {}  # (socket category, Bybit topic) -> what its frames share
+        # Set by the gateway, whose hand-off folds most books and tickers while it reads late:
+        # their envelopes are made only if they are published as they are (Envelopes.event).
+        self.lazy = False
 
     def handle(self, raw: str | bytes, category: str) -> Frame:
         """Classify and wrap one frame received on a socket of `category` ("private" for the private one)."""
@@ -175,38 +183,54 @@ class Envelopes:
         data = msg.get("data")
         if data is None:
             return Malformed("missing data", topic)
-        kind = msg.get("type", "snapshot")
-        frame = DataFrame(topic, msg, route.event_class, category, route.symbol, route.param)
         state: dict[str, Any] = {}
+        frame = DataFrame(topic, msg, route.event_class, category, route.symbol, route.param, trace_id, received_ts,
+                          route.routing_key, state)  # fmt: skip
         if route.book:
             if not isinstance(data, dict):
                 return Malformed("orderbook data is not an object", topic)
-            u, seq = data.get("u"), data.get("seq")
             if self.state is not None:
                 try:
-                    update = self.state.book(route.key, kind, data)
+                    update = self.state.book(route.key, msg.get("type", "snapshot"), data)
                 except (KeyError, TypeError, ValueError, InvalidOperation):
                     return Malformed("orderbook data without u, b or a", topic)
                 state["consistent"] = frame.conflatable = update.consistent
                 if update.gap:
                     state["gap"] = {"expected_u": update.expected_u, "received_u": update.received_u}
                     frame.gap = True
+        elif self.state is not None and route.ticker and isinstance(data, dict):
+            frame.merged = state["merged"] = self.state.ticker(
+                category, route.symbol, msg.get("type", "snapshot"), data
+            )
+            frame.conflatable = True
+        if frame.conflatable and self.lazy:
+            frame.pending = True
+        else:
+            self.event(frame)
+        return frame
+
+    def event(self, frame: DataFrame) -> Event:
+        """Make (and add to `frame.events`) the event of a public frame, its envelope around Bybit's `data`."""
+        msg = frame.parsed
+        data = msg["data"]
+        if frame.event_class == "orderbook":
+            u, seq = data.get("u"), data.get("seq")
         else:
             u, seq = None, msg.get("cs")
-            if self.state is not None and route.ticker and isinstance(data, dict):
-                frame.merged = state["merged"] = self.state.ticker(category, route.symbol, kind, data)
-                frame.conflatable = True
+        trace_id = frame.trace_id
         event_id = f"{trace_id}-0"
         # envelope_head's fields, written out: one dict per market event, not two.
         body = orjson.dumps({
-            "id": event_id, "class": route.event_class, "topic": topic, "category": category, "symbol": route.symbol,
-            "type": kind, "exchange_ts": msg.get("ts"), "received_ts": received_ts, "trace_id": trace_id,
-            "u": u, "seq": seq, "cts": msg.get("cts"), "data": data, **state,
+            "id": event_id, "class": frame.event_class, "topic": frame.topic, "category": frame.category,
+            "symbol": frame.symbol, "type": msg.get("type", "snapshot"), "exchange_ts": msg.get("ts"),
+            "received_ts": frame.received_ts, "trace_id": trace_id, "u": u, "seq": seq, "cts": msg.get("cts"),
+            "data": data, **(frame.extra or {}),
         })  # fmt: skip
-        frame.events.append(
-            Event(event_id, trace_id, route.event_class, route.routing_key, body, False, topic, received_ts, self.epoch)
-        )
-        return frame
+        event = Event(event_id, trace_id, frame.event_class, frame.routing_key, body, False, frame.topic,
+                      frame.received_ts, self.epoch)  # fmt: skip
+        frame.events.append(event)
+        frame.pending = False
+        return event
 
     def latest(self, frame: DataFrame) -> Event | None:
         """The newest state of a book or ticker topic as one snapshot event (`"conflated": true`), or None if gone.
@@ -216,7 +240,7 @@ class Envelopes:
         frame named is the topic's latest: its times and trace id are the snapshot's. A consumer
         replaces its book with it and applies the deltas that follow (their `u` goes on from it).
         """
-        state, event, msg = self.state, frame.events[0], frame.parsed
+        state, msg = self.state, frame.parsed
         assert state is not None
         if frame.event_class == "orderbook":
             book = state.books.get((frame.category, frame.topic))
@@ -231,16 +255,16 @@ class Envelopes:
             if merged is None:
                 return None
             u, seq, data, extra = None, msg.get("cs"), merged, {"merged": merged}
-        event_id = f"{event.trace_id}-latest"
+        event_id = f"{frame.trace_id}-latest"
         body = orjson.dumps({
             "id": event_id, "class": frame.event_class, "topic": frame.topic, "category": frame.category,
-            "symbol": frame.symbol, "type": "snapshot", "exchange_ts": msg.get("ts"), "received_ts": event.received_ts,
-            "trace_id": event.trace_id, "u": u, "seq": seq, "cts": msg.get("cts"), "data": data, **extra,
+            "symbol": frame.symbol, "type": "snapshot", "exchange_ts": msg.get("ts"), "received_ts": frame.received_ts,
+            "trace_id": frame.trace_id, "u": u, "seq": seq, "cts": msg.get("cts"), "data": data, **extra,
             "conflated": True,
         })  # fmt: skip
         return Event(
-            event_id, event.trace_id, frame.event_class, event.routing_key, body, False, frame.topic,
-            event.received_ts, self.epoch,
+            event_id, frame.trace_id, frame.event_class, frame.routing_key, body, False, frame.topic,
+            frame.received_ts, self.epoch,
         )  # fmt: skip
 
     def private_frame(self, msg: dict[str, Any], topic: str, trace_id: str, received_ts: int) -> Frame:

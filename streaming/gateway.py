@@ -183,7 +183,8 @@ class Gateway:
         self.balances = BalanceWriter(config.database_conninfo)
         self.market = MarketState(self.cache, self.balances)
         self.envelopes = Envelopes(state=self.market if config.orderbooks else None)
-        self.handoff.render = self.envelopes.latest
+        self.handoff.render, self.handoff.build = self.envelopes.latest, self.envelopes.event
+        self.envelopes.lazy = True  # a book or ticker that folds never gets an envelope of its own
         self.reconciler = Reconciler(self, config.reconcile_interval)
         rest = BybitRest.from_settings(settings) if config.credentials else None
         self.recovery = Recovery(self, rest, config.backfill_overlap_ms, config.backfill_first_window_ms)
@@ -217,17 +218,17 @@ class Gateway:
         if frame.topic not in sock.desired and frame.topic not in sock.live:
             counters.count_malformed(NOT_SUBSCRIBED, raw, sock.name)
             return None
-        by_key = counters.by_routing_key
-        for event in frame.events:
-            by_key[event.routing_key] += 1
         counters.events_out += self.handoff.offer(frame)  # a book or ticker may fold into its newest state
         self.publisher.kick()
+        by_key = counters.by_routing_key
+        for event in frame.events:  # those published as they are
+            by_key[event.routing_key] += 1
         if frame.quarantined:
             counters.count_quarantined(frame, sock.name)
         self.reconciler.seen[(sock.category, frame.topic)] = time.time()
         if frame.event_class in MARKET_STATE_CLASSES and self.market.keep(frame):
             if self.throttle.allow(f"gap:{frame.topic}") is not None:
-                log.warning("orderbook.gap", socket=sock.name, topic=frame.topic, trace_id=frame.events[0].trace_id)
+                log.warning("orderbook.gap", socket=sock.name, topic=frame.topic, trace_id=frame.trace_id)
             sock.resubscribe(frame.topic)
         return None
 
@@ -308,7 +309,10 @@ class Gateway:
             self.start(self.recovery.keep_watermark(self.redis, stop, self.config.status_interval), "watermark"),
             self.start(release_held(self.handoff, self.publisher, stop), "conflation"),
         ]
-        writers = [self.start(self.cache.run(stop, self.handoff.pacing), "lvc"), self.start(self.balances.run(stop), "balances")]
+        writers = [
+            self.start(self.cache.run(stop, self.handoff.pacing), "lvc"),
+            self.start(self.balances.run(stop), "balances"),
+        ]
         await stop.wait()
         return await self.shutdown(loops, writers, publishing, publisher_stop)
 

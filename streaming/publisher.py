@@ -268,6 +268,7 @@ class Handoff:
         conflate_at: int | None = None,
         render: Callable[[DataFrame], Event | None] | None = None,
         pacing: Pacing | None = None,
+        build: Callable[[DataFrame], Event] | None = None,
     ) -> None:
         self.market: deque[Event | Latest] = deque()
         self.private: deque[Event] = deque()
@@ -279,6 +280,7 @@ class Handoff:
         self.conflate_at = conflate_at if conflate_at is not None else market_limit
         self.max_read_pause = max_read_pause
         self.render = render  # Envelopes.latest
+        self.build = build  # Envelopes.event: a frame's own event, made only when it goes out as it is
         self.pacing = pacing or Pacing()
         self.dropped = 0
         self.conflated = 0  # frames folded into their topic's newest state, never published alone
@@ -307,7 +309,7 @@ class Handoff:
                 place.frame = frame
                 self.conflated += 1
                 return 0
-            received = frame.events[0].received_ts
+            received = frame.received_ts
             if self.pacing.late(received, frame.parsed.get("ts")):
                 if received < self.next_at.get(key, 0):
                     self.latest[key] = self.held[key] = Latest(key, frame)
@@ -317,6 +319,8 @@ class Handoff:
                 self.latest[key] = place = Latest(key, frame)
                 self.put_market(place)
                 return 1
+        if frame.pending:
+            self.build(frame)  # type: ignore[misc]
         for event in frame.events:
             self.put(event)
         return len(frame.events)

@@ -34,9 +34,12 @@ def book_frames(count: int, seed: int = 7, ts_of: Callable[[int], int] = lambda 
     return [orjson.dumps(frame).decode() for frame in frames]
 
 
-def gateway(conflate_at: int) -> tuple[Envelopes, Handoff]:
+def gateway(conflate_at: int, pacing: Pacing | None = None) -> tuple[Envelopes, Handoff]:
+    """Envelopes and a hand-off wired as the gateway wires them: a frame that folds gets no envelope."""
     envelopes = Envelopes("run", MarketState())
-    return envelopes, Handoff(100_000, conflate_at=conflate_at, render=envelopes.latest)
+    envelopes.lazy = True
+    handoff = Handoff(100_000, conflate_at=conflate_at, render=envelopes.latest, pacing=pacing, build=envelopes.event)
+    return envelopes, handoff
 
 
 def offer(envelopes: Envelopes, handoff: Handoff, raw: str, category: str = "linear") -> int:
@@ -143,6 +146,33 @@ def test_below_the_threshold_every_delta_is_sent() -> None:
     assert [b["u"] for b in taken(handoff)] == list(range(1, 202))
 
 
+def test_a_frame_that_folds_gets_no_envelope_and_one_published_as_it_is_gets_the_same_as_ever() -> None:
+    ticker = {"topic": "tickers.BTCUSDT", "type": "snapshot", "cs": 1, "ts": 9, "data": {"symbol": "BTCUSDT"}}
+    frames = [*book_frames(50), orjson.dumps(ticker).decode()]
+    eager = Envelopes("run", MarketState())
+    expected = []
+    for raw in frames:
+        frame = eager.handle(raw, "linear")
+        assert isinstance(frame, DataFrame)
+        expected += [orjson.loads(event.body) for event in frame.events]
+    envelopes, handoff = gateway(conflate_at=10**9)  # nothing folds
+    assert sum(offer(envelopes, handoff, raw) for raw in frames) == 52
+    got = taken(handoff)
+    for body in expected + got:
+        del body["received_ts"]  # the moment each was read
+    assert got == expected
+    envelopes, handoff = gateway(conflate_at=0)  # every frame after the first folds
+    made = []
+    for raw in frames[:-1]:
+        frame = envelopes.handle(raw, "linear")
+        assert isinstance(frame, DataFrame) and frame.events == [] and frame.pending
+        handoff.offer(frame)
+        made.append(len(frame.events))
+    assert made == [0] * 51 and handoff.conflated == 50  # one place, rendered when taken; no envelope made
+    (body,) = taken(handoff)
+    assert (body["conflated"], body["u"]) == (True, 51)
+
+
 def test_a_steady_read_lag_is_not_late_nor_is_one_hiccup_but_a_lasting_rise_is() -> None:
     pacing = Pacing(limit_ms=100, base_ms=100, max_ms=400)
     # Every frame read 3 s after its exchange time (a clock offset, a long link): the usual, not late.
@@ -213,8 +243,7 @@ def test_once_on_time_the_interval_eases_step_by_step_and_pacing_ends_below_the_
 
 
 def test_while_reading_late_a_book_goes_out_once_an_interval_as_its_newest_state() -> None:
-    envelopes = Envelopes("run", MarketState())
-    handoff = Handoff(100_000, render=envelopes.latest, pacing=Pacing(limit_ms=100, base_ms=100, max_ms=100))
+    envelopes, handoff = gateway(100_000, Pacing(limit_ms=100, base_ms=100, max_ms=100))
     now = time.time_ns() // 1_000_000
     handoff.pacing.late(now - 1_000, now - 1_000)  # read on time a second ago, and 500 ms late since
     assert not any(handoff.pacing.late(t, t - 500) for t in range(now - LATE_FOR_MS, now, 50))
