@@ -128,6 +128,7 @@ def main(which: str) -> dict[str, Any]:
             ("    delivered/s", overload["delivered_per_s"], f"{overload['conflated']} book/ticker frames conflated"),
             ("    p50 / p99 ms", f"{overload['p50_ms']} / {overload['p99_ms']}", "exchange ts -> consumer"),
             ("    read lag p99 ms", overload["read_lag_p99_ms"], "exchange ts -> frame read by the gateway"),
+            ("    after the read p99 ms", overload["after_read_p99_ms"], "frame read by the gateway -> consumer"),
             ("    trades lost", overload["trades_lost"], f"of {overload['trade_messages_sent']} the simulator sent"),
             ("    books inconsistent", overload["books_inconsistent"], f"of {overload['books']} rebuilt"),
             (

@@ -86,10 +86,11 @@ def consume(url: str, classes: tuple[str, ...], results: Connection, idle_stop: 
     tally: dict[str, Any] = {"received": 0, "books_inconsistent": 0, "gaps": 0, "crossed": 0, "conflated": 0,
                              "delta_before_snapshot": 0, "orders": 0, "orders_from_rest": 0,
                              "order_repeats": 0}  # fmt: skip
-    latencies: dict[str, list[float]] = {name: [] for name in (*CLASSES, "read_lag", "private_read_lag")}
+    latencies: dict[str, list[float]] = {name: [] for name in (*CLASSES, "read_lag", "private_read_lag", "after_read")}
     measuring = [False]
     orders_seen: set[str] = set()
     lag_by_second: dict[int, float] = {}
+    delay_by_second: dict[int, float] = {}  # the longest exchange ts -> receipt of each second read
 
     def on_message(message: amqp.Message) -> None:
         now = time.time() * 1000
@@ -108,8 +109,10 @@ def consume(url: str, classes: tuple[str, ...], results: Connection, idle_stop: 
             read_lag = event["received_ts"] - exchange_ts
             latencies["private_read_lag" if cls == "order" else "read_lag"].append(read_lag)
             if cls != "order":
+                latencies["after_read"].append(now - event["received_ts"])  # publish, RabbitMQ, this process
                 second = event["received_ts"] // 1000
                 lag_by_second[second] = max(lag_by_second.get(second, 0), read_lag)
+                delay_by_second[second] = max(delay_by_second.get(second, 0), round(now - exchange_ts))
         if cls == "orderbook":
             topic, data = event["topic"], event["data"]
             if event.get("conflated"):
@@ -162,6 +165,7 @@ def consume(url: str, classes: tuple[str, ...], results: Connection, idle_stop: 
     tally["trade_seq_holes"] = sum(max(seqs) - len(seqs) for seqs in trade_seqs.values())
     tally["latencies"] = {name: values for name, values in latencies.items()}
     tally["lag_by_second"] = [lag_by_second[k] for k in sorted(lag_by_second)]
+    tally["delay_by_second"] = [delay_by_second[k] for k in sorted(delay_by_second)]
     results.send(tally)
 
 
@@ -276,6 +280,7 @@ def run(events_per_s: float, seconds: float = 20.0, symbols: int = 200) -> dict[
         "trade_p99_ms": percentile(lat["trade"], 0.99),
         "read_lag_p50_ms": percentile(lat["read_lag"], 0.5),
         "read_lag_p99_ms": percentile(lat["read_lag"], 0.99),
+        "after_read_p99_ms": percentile(lat["after_read"], 0.99),
         "private_p99_ms": percentile(lat["order"], 0.99),
         "private_read_lag_p99_ms": percentile(lat["private_read_lag"], 0.99),
         "private_max_ms": round(max(lat["order"]), 1) if lat["order"] else None,
@@ -301,6 +306,7 @@ def run(events_per_s: float, seconds: float = 20.0, symbols: int = 200) -> dict[
         "in_flight_median": statistics.median(in_flight),
         "broker_backlog_at_end": backlog,
         "read_lag_max_by_second": tally["lag_by_second"],
+        "delay_max_by_second": tally["delay_by_second"],
     }
 
 
