@@ -314,7 +314,7 @@ class Handoff:
                 if received < self.next_at.get(key, 0):
                     self.latest[key] = self.held[key] = Latest(key, frame)
                     return 1
-                self.next_at[key] = received + self.pacing.interval_ms
+                self.next_at[key] = self.slot_after(key, received)
             elif len(self.market) >= self.conflate_at:
                 self.latest[key] = place = Latest(key, frame)
                 self.put_market(place)
@@ -330,8 +330,18 @@ class Handoff:
         due = [key for key in self.held if every or self.next_at.get(key, 0) <= now_ms]
         for key in due:
             self.put_market(self.held.pop(key))
-            self.next_at[key] = now_ms + self.pacing.interval_ms
+            self.next_at[key] = self.slot_after(key, now_ms)
         return len(due)
+
+    def slot_after(self, key: tuple[str, str], after: int) -> int:
+        """The first moment after `after` (at most an interval on) in the topic's own slot of the interval.
+
+        Each topic has its slot (by its key's hash), so paced topics go out spread over the
+        interval rather than all in the same release: hundreds of snapshots at once would make
+        a burst that RabbitMQ and consumers, and every trade behind it, would wait through.
+        """
+        interval = self.pacing.interval_ms
+        return after + ((hash(key) - after) % interval or interval)
 
     def take(self) -> Event | None:
         """Return the next event, private ones first, or None."""

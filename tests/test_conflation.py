@@ -270,3 +270,21 @@ def test_while_reading_late_a_book_goes_out_once_an_interval_as_its_newest_state
     offer(envelopes, handoff, orjson.dumps({"topic": BOOK, "type": "delta", "ts": now - 500, "data": delta}).decode())
     assert len(handoff.held) == 1 and handoff.release(now, every=True) == 1
     assert [b["u"] for b in taken(handoff)] == [202]
+
+
+def test_paced_topics_go_out_spread_over_the_interval_not_all_at_once() -> None:
+    pacing = Pacing(limit_ms=100, base_ms=1_000, max_ms=1_000)
+    envelopes, handoff = gateway(100_000, pacing)
+    pacing.behind, pacing.interval_ms, pacing.changed_at = True, 1_000, 1 << 62  # reading late, at 1 s
+    topics = [f"orderbook.50.SYM{i:03d}USDT" for i in range(400)]
+    for topic in topics:  # all 400 behind at the same moment: each sends its frame, and holds the next
+        for u in (1, 2):
+            data = {"s": topic[13:], "b": [["1", "1"]], "a": [["2", "1"]], "u": u}
+            frame = {"topic": topic, "type": "snapshot" if u == 1 else "delta", "ts": 0, "data": data}
+            offer(envelopes, handoff, orjson.dumps(frame).decode())
+    assert len(handoff.held) == 400
+    start = min(handoff.next_at.values())
+    released = [handoff.release(now) for now in range(start, start + 1_050, 50)]  # the gateway's 50 ms tick
+    assert sum(released) == 400 and max(released) <= 3 * 400 // 20  # about 20 a tick, never all at once
+    for key in handoff.next_at:  # and each goes out again an interval after its own release
+        assert 0 < handoff.next_at[key] - start <= 2_000
