@@ -17,6 +17,10 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench-results.json"
 # A hand-off depth and a read lag never reached: one event per frame.
 NO_CONFLATION = {"GATEWAY_CONFLATE_AT": str(10**9), "GATEWAY_LAG_LIMIT_MS": str(10**9)}
+# The gateway's CPU per event and its floor are each the least of this many runs: on a shared
+# machine one run's CPU figure swings by half (the same code, 27.7 to 47.8 us/event in (b)),
+# and the least is the one least disturbed. Both sides of the ratio get the same treatment.
+CPU_RUNS = 3
 
 
 def setup_django() -> None:
@@ -48,7 +52,7 @@ def main(which: str) -> dict[str, Any]:
             ("websockets client msgs/s", sim["client_msgs_per_s"], "same simulator, a plain websockets client"),
         ]
     if which in ("all", "publish", "gateway"):
-        publish = bench_publish.run(30_000)
+        publish = min((bench_publish.run(30_000) for _ in range(CPU_RUNS)), key=lambda r: r["publisher_cpu_us"])
         results.update(publish)
         rows += [
             ("(a) raw publish/s", publish["raw_publish_per_s"], "bare py-amqp, pipelined confirms (perf-notes loop)"),
@@ -59,7 +63,8 @@ def main(which: str) -> dict[str, Any]:
         ]
     if which in ("all", "gateway"):
         # (b) measures the hot path, one event per frame: conflation off (the overload run below has it on).
-        full = bench_gateway.run_path(200, "max", 10, NO_CONFLATION)
+        fulls = [bench_gateway.run_path(200, "max", 10, NO_CONFLATION) for _ in range(CPU_RUNS)]
+        full = min(fulls, key=lambda r: r["cpu_us_per_event"])
         paced = bench_gateway.run_path(40, "1", 10)
         memory = bench_gateway.run_path(500, "0.2", 10)
         # (e) twice what (b) sustained, books, tickers and trades of 200 symbols, orders meanwhile.
@@ -67,7 +72,7 @@ def main(which: str) -> dict[str, Any]:
         raw = results.get("raw_publish_per_s") or 1
         # The floor: the gateway's two I/O ends, measured in this run. Reading (b)'s frames with a
         # plain websockets client, and one packed publish (the Publisher alone, above).
-        receive_us = bench_sim.floor_receive(200, 5.0)
+        receive_us = min(bench_sim.floor_receive(200, 5.0) for _ in range(CPU_RUNS))
         frames_per_event = full["frames_in_per_s"] / max(1, full["gateway_per_s"])
         floor = round(receive_us * frames_per_event + results["publisher_cpu_us"], 1)
         results.update(
@@ -79,8 +84,9 @@ def main(which: str) -> dict[str, Any]:
         results.update(
             gateway_per_s=full["gateway_per_s"],
             ratio=round(full["gateway_per_s"] / raw, 2),
-            lost=full["lost"] + paced["lost"] + memory["lost"],
-            dropped=full["dropped"],
+            lost=sum(run["lost"] for run in fulls) + paced["lost"] + memory["lost"],
+            dropped=sum(run["dropped"] for run in fulls),
+            gateway_us_per_event_runs=[run["cpu_us_per_event"] for run in fulls],
             latency_p50_ms=paced["latency_p50_ms"],
             latency_p99_ms=paced["latency_p99_ms"],
             latency_max_ms=paced["latency_max_ms"],
@@ -102,18 +108,23 @@ def main(which: str) -> dict[str, Any]:
                 full["gateway_per_s"],
                 f"ratio {results['ratio']} of (a); simulator at max, 200 books",
             ),
-            ("    lost / dropped", f"{full['lost']} / {full['dropped']}", "lost: read but never delivered"),
+            ("    lost / dropped", f"{results['lost']} / {results['dropped']}", "lost: read but never delivered"),
             (
                 "    cores busy",
                 f"{full['cores_busy_total']} of {os.cpu_count()}",
                 ", ".join(f"{name} {busy}" for name, busy in full["cores_busy"].items()),
             ),
             ("    RabbitMQ CPU us/event", full["broker_cpu_us_per_event"], "publish, route, confirm and deliver"),
-            ("    gateway CPU us/event", full["cpu_us_per_event"], f"x{results['cpu_vs_floor']} of the floor"),
+            (
+                "    gateway CPU us/event",
+                full["cpu_us_per_event"],
+                f"x{results['cpu_vs_floor']} of the floor; the least of {results['gateway_us_per_event_runs']}",
+            ),
             (
                 "    floor us/event",
                 floor,
-                f"websockets read {receive_us} us/frame + Publisher alone {results['publisher_cpu_us']} us",
+                f"websockets read {receive_us} us/frame + Publisher alone {results['publisher_cpu_us']} us"
+                f" (each the least of {CPU_RUNS} runs)",
             ),
             ("(c) latency p50 ms", paced["latency_p50_ms"], "at 2,000 events/s, simulator send -> consumer"),
             ("    latency p99 ms", paced["latency_p99_ms"], ""),
