@@ -134,7 +134,8 @@ def main(which: str) -> dict[str, Any]:
             (
                 "(e) overload offered/s",
                 overload["offered_per_s"],
-                f"2x (b); 200 symbols' books, tickers, trades; {overload['seconds']} s",
+                f"2x (b); 200 symbols' books, tickers, trades; {overload['seconds']} s after a"
+                f" {overload['warm_up_s']} s start",
             ),
             ("    delivered/s", overload["delivered_per_s"], f"{overload['conflated']} book/ticker frames conflated"),
             ("    p50 / p99 ms", f"{overload['p50_ms']} / {overload['p99_ms']}", "exchange ts -> consumer"),
