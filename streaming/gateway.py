@@ -10,6 +10,7 @@ is `on_frame`: parse once, hand events to the publisher, return; no I/O, no log 
 from __future__ import annotations
 
 import asyncio
+import gc
 import signal
 import time
 from dataclasses import dataclass
@@ -357,6 +358,11 @@ class Gateway:
 
 async def main() -> int:
     gateway = Gateway(GatewayConfig.from_settings())
+    # What exists now (Django, the libraries, the gateway's own parts) lives as long as the process.
+    # Frozen, the collector no longer walks it: a full collection took 45-130 ms with it (bench
+    # (e)), every frame on every socket waiting meanwhile.
+    gc.collect()
+    gc.freeze()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, gateway.stop_event.set)
