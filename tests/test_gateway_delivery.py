@@ -181,8 +181,12 @@ def test_a_gateway_reading_late_sends_each_book_once_an_interval_and_trades_in_f
     gateway_settings.GATEWAY_LAG_LIMIT_MS = -1  # every frame counts as read late
     gateway_settings.GATEWAY_CONFLATE_INTERVAL_MS = gateway_settings.GATEWAY_CONFLATE_MAX_INTERVAL_MS = 250
     runner = start_gateway()
-    subscription_create(service_name="alpha", channel="orderbook", category="linear", symbol="BTCUSDT", depth=50)
-    subscription_create(service_name="alpha", channel="trades", category="linear", symbol="BTCUSDT")
+    book, _ = subscription_create(
+        service_name="alpha", channel="orderbook", category="linear", symbol="BTCUSDT", depth=50
+    )
+    trade, _ = subscription_create(service_name="alpha", channel="trades", category="linear", symbol="BTCUSDT")
+    # A row turns active once a reconcile round has declared, bound and routed its queue.
+    wait_for(lambda: status_of(book) == "active" and status_of(trade) == "active", message="both active")
     books = QueueReader(rabbit, "ws-gateway.alpha.orderbook")
     trades = QueueReader(rabbit, "ws-gateway.alpha.trade")
     books.wait(lambda m: sum(1 for b in m if b.get("conflated")) >= 8, message="eight paced snapshots")
