@@ -217,17 +217,8 @@ class Envelopes:
             u, seq = data.get("u"), data.get("seq")
         else:
             u, seq = None, msg.get("cs")
-        trace_id = frame.trace_id
-        event_id = f"{trace_id}-0"
-        # envelope_head's fields, written out: one dict per market event, not two.
-        body = orjson.dumps({
-            "id": event_id, "class": frame.event_class, "topic": frame.topic, "category": frame.category,
-            "symbol": frame.symbol, "type": msg.get("type", "snapshot"), "exchange_ts": msg.get("ts"),
-            "received_ts": frame.received_ts, "trace_id": trace_id, "u": u, "seq": seq, "cts": msg.get("cts"),
-            "data": data, **(frame.extra or {}),
-        })  # fmt: skip
-        event = Event(event_id, trace_id, frame.event_class, frame.routing_key, body, False, frame.topic,
-                      frame.received_ts, self.epoch)  # fmt: skip
+        kind = msg.get("type", "snapshot")
+        event = self.market_event(frame, f"{frame.trace_id}-0", kind, u, seq, data, frame.extra or {})
         frame.events.append(event)
         frame.pending = False
         return event
@@ -249,23 +240,27 @@ class Envelopes:
             bids, asks = book.top(max(len(book.bids), len(book.asks)))
             u, seq = book.u, book.seq
             data: dict[str, Any] = {"s": frame.symbol, "b": bids, "a": asks, "u": u, "seq": seq}
-            extra: dict[str, Any] = {"consistent": book.consistent}
+            extra: dict[str, Any] = {"consistent": book.consistent, "conflated": True}
         else:
             merged = state.tickers.get((frame.category, frame.symbol))
             if merged is None:
                 return None
-            u, seq, data, extra = None, msg.get("cs"), merged, {"merged": merged}
-        event_id = f"{frame.trace_id}-latest"
+            u, seq, data, extra = None, msg.get("cs"), merged, {"merged": merged, "conflated": True}
+        return self.market_event(frame, f"{frame.trace_id}-latest", "snapshot", u, seq, data, extra)
+
+    def market_event(
+        self, frame: DataFrame, event_id: str, kind: str, u: Any, seq: Any, data: Any, extra: dict[str, Any]
+    ) -> Event:
+        """The event of a public frame: the envelope (README "Event contract") around `data`, then `extra`."""
+        msg = frame.parsed
+        # envelope_head's fields, written out: one dict per market event, not two.
         body = orjson.dumps({
             "id": event_id, "class": frame.event_class, "topic": frame.topic, "category": frame.category,
-            "symbol": frame.symbol, "type": "snapshot", "exchange_ts": msg.get("ts"), "received_ts": frame.received_ts,
+            "symbol": frame.symbol, "type": kind, "exchange_ts": msg.get("ts"), "received_ts": frame.received_ts,
             "trace_id": frame.trace_id, "u": u, "seq": seq, "cts": msg.get("cts"), "data": data, **extra,
-            "conflated": True,
         })  # fmt: skip
-        return Event(
-            event_id, frame.trace_id, frame.event_class, frame.routing_key, body, False, frame.topic,
-            frame.received_ts, self.epoch,
-        )  # fmt: skip
+        return Event(event_id, frame.trace_id, frame.event_class, frame.routing_key, body, False, frame.topic,
+                     frame.received_ts, self.epoch)  # fmt: skip
 
     def private_frame(self, msg: dict[str, Any], topic: str, trace_id: str, received_ts: int) -> Frame:
         """One event per item of Bybit's list; an item that cannot be routed is quarantined, never dropped."""
