@@ -24,6 +24,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
 from streaming.circuit import CircuitBreaker, ConnectionBudget, backoff_delay
 from streaming.protocol import AuthReply, Request, Subscriptions, auth_reply, auth_request
+from streaming.wsread import BATCH, DirectConnection
 
 log = structlog.get_logger(__name__)
 
@@ -37,7 +38,7 @@ ENDPOINTS = {
     # Demo trading has only private streams; its market data is mainnet's.
     "demo": ("wss://stream.bybit.com/v5/public", "wss://stream-demo.bybit.com/v5/private"),
 }
-YIELD_EVERY = 32  # frames read before the reader lets other tasks run (a power of two)
+YIELD_EVERY = BATCH  # frames read before the reader lets other tasks run (a power of two)
 RECEIVE_QUEUE = 1024  # frames websockets buffers before it stops reading the socket
 
 
@@ -91,6 +92,7 @@ async def dial(url: str, config: SocketConfig) -> ClientConnection:
             # Bounded: while the gateway pauses reads, TCP (not memory) absorbs the backlog.
             max_queue=RECEIVE_QUEUE,
             compression=None,
+            create_connection=DirectConnection,  # text frames straight to the gateway (streaming.wsread)
         ),
         config.connect_timeout,
     )
@@ -374,7 +376,14 @@ class BybitSocket:
         on_frame = self.on_frame
         # None for the private socket: it never waits for market data to drain.
         backlogged, relieve = self.backpressure or (None, None)
-        count = 0
+        if isinstance(ws, DirectConnection) and ws.read_directly(self.take, backlogged, relieve):
+            try:
+                await ws.handed_back  # the connection ended, or websockets has the rest of the stream
+            finally:
+                ws.stop_reading()
+            if ws.failure is not None:
+                raise ws.failure
+        count = 0  # websockets' queue: what it was handed back, or the connection's end (ConnectionClosed)
         while True:
             raw = await ws.recv()  # returns without yielding while frames are buffered
             self.last_frame_mono = time.monotonic()
@@ -386,6 +395,13 @@ class BybitSocket:
             count += 1
             if count & (YIELD_EVERY - 1) == 0:
                 await asyncio.sleep(0)  # let the publisher and RabbitMQ's acks have their turn
+
+    def take(self, raw: str) -> None:
+        """One frame read directly (streaming.wsread), as `read` handles one from `recv()`."""
+        self.last_frame_mono = time.monotonic()
+        control = self.on_frame(raw, self)
+        if control is not None:
+            self.on_control(control)
 
     async def heartbeat(self, ws: ClientConnection) -> None:
         interval, dead_after = self.config.ping_interval, self.config.dead_after

@@ -148,7 +148,11 @@ class Envelopes:
 
     def handle(self, raw: str | bytes, category: str) -> Frame:
         """Classify and wrap one frame received on a socket of `category` ("private" for the private one)."""
-        if isinstance(raw, bytes):
+        if isinstance(raw, bytes):  # a binary frame, or a text frame streaming.wsread could not decode
+            try:
+                raw.decode()
+            except UnicodeDecodeError:
+                return Malformed("invalid UTF-8")
             return Malformed("binary frame")
         try:
             msg = orjson.loads(raw)

@@ -76,6 +76,7 @@ def test_control_replies_are_returned_not_published() -> None:
     ("raw", "reason"),
     [
         (b"\x00\x01", "binary frame"),
+        (b'{"topic": "\xc3"}', "invalid UTF-8"),
         ("{not json", "invalid JSON"),
         ("[1, 2]", "not a JSON object"),
         ('{"topic": "nosuch.BTCUSDT", "data": {}}', "unknown topic"),

@@ -82,13 +82,14 @@ def test_refused_connections_open_the_circuit_then_recover(start_gateway, gatewa
 def test_malformed_frames_are_counted_and_the_stream_goes_on(start_gateway, simulator, rabbit) -> None:
     runner = start_gateway()
     subscribe_two()
-    kinds = ["invalid_json", "binary", "unknown_topic", "missing_fields", "wrong_types", "oversized"]
+    kinds = ["invalid_json", "binary", "invalid_utf8", "unknown_topic", "missing_fields", "wrong_types", "oversized"]
     for kind in kinds:
         simulator.call(simulator.sim.send_malformed(kind))
     wait_for(lambda: runner.gateway.counters.malformed >= len(kinds), message="every malformed frame counted")
     reasons = runner.gateway.status()["malformed_by_reason"]
     assert set(reasons) == {
-        "invalid JSON", "binary frame", "unknown topic", "missing data", "topic is not a string", "oversized frame"
+        "invalid JSON", "binary frame", "invalid UTF-8", "unknown topic", "missing data", "topic is not a string",
+        "oversized frame",
     }  # fmt: skip
     reader = QueueReader(rabbit, "ws-gateway.alpha.trade")
     reader.wait(lambda m: len(m) >= 3, message="trades still flowing")

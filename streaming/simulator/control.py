@@ -168,6 +168,7 @@ class Control:
         payloads: dict[str, str | bytes] = {
             "invalid_json": '{"topic": "publicTrade.BTCUSDT", "data": [',
             "binary": b"\x00\x01\x02binary",
+            "invalid_utf8": b'{"topic": "publicTrade.BTCUSDT", "data": "\xc3"}',  # sent as a text frame
             "unknown_topic": '{"topic": "nosuchtopic.BTCUSDT", "type": "snapshot", "ts": 1, "data": {}}',
             "missing_fields": '{"topic": "publicTrade.BTCUSDT", "type": "snapshot", "ts": 1}',
             "wrong_types": '{"topic": 42, "type": "snapshot", "ts": "x", "data": "y"}',
@@ -183,7 +184,7 @@ class Control:
         sent = 0
         for client in list(self.simulator.clients):
             if category is None or client.category == category:
-                await client.ws.send(payload)
+                await client.ws.send(payload, text=True if kind == "invalid_utf8" else None)
                 sent += 1
         return sent
 
