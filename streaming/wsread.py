@@ -6,7 +6,7 @@ a frame to parse and 4.4 us to a `recv()` return, where the frame itself is a 2-
 before ~200 bytes of text. `DirectConnection` reads the frames Bybit sends, final unmasked data
 frames of known length, itself, and calls `deliver(message)` from `data_received`: no queue, no
 future, no coroutine per frame. Text arrives as `str`; a binary frame, or a text frame that is
-not UTF-8 (websockets' `recv()` would raise), as `bytes`, which the gateway counts as malformed.
+not UTF-8 (websockets fails the connection: 1007), as `bytes`, which the gateway counts as malformed.
 
 Everything else is websockets' own: the handshake, and every frame that is not such a data frame
 (ping, pong, close, fragments, reserved bits, a mask, over `max_size`) is fed to websockets'
@@ -116,7 +116,7 @@ class DirectConnection(ClientConnection):
                     try:
                         message: str | bytes = payload.decode()
                     except UnicodeDecodeError:
-                        message = payload  # the gateway counts it malformed; websockets' recv() would raise
+                        message = payload  # the gateway counts it malformed; websockets would close with 1007
                 else:
                     message = payload
                 pos = end

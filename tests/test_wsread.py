@@ -165,7 +165,7 @@ def test_a_frame_over_max_size_fails_the_connection_as_websockets_does():
 
 
 def test_a_text_frame_that_is_not_utf8_is_delivered_as_bytes_and_reading_goes_on():
-    """websockets' recv() raises UnicodeDecodeError for it; the gateway counts it malformed instead."""
+    """websockets fails the connection for it (1007); the gateway counts it malformed and reads on."""
     bad = text("é".encode()[:1])
 
     results = run_both([*PLAIN[:30], bad, *PLAIN[30:]], clients=("direct",))
