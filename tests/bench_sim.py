@@ -141,12 +141,37 @@ async def receive_cpu(port: int, symbols: int, seconds: float) -> float:
         return (time.process_time() - cpu0) / frames * 1e6
 
 
-def floor_receive(symbols: int = 200, seconds: float = 5.0) -> float:
-    """`receive_cpu` against its own simulator, as (b) runs it (`--rate max`)."""
+async def receive_cpu_direct(port: int, symbols: int, seconds: float) -> float:
+    """As `receive_cpu`, with the gateway's own reader (streaming.wsread): what reading a frame costs it."""
+    from streaming.wsread import DirectConnection
+
+    frames = 0
+
+    def count(_message: str | bytes) -> None:
+        nonlocal frames
+        frames += 1
+
+    async with connect(f"ws://127.0.0.1:{port}/v5/public/linear", compression=None, ping_interval=None,
+                       create_connection=DirectConnection) as ws:  # fmt: skip
+        assert ws.read_directly(count)
+        books = [f"orderbook.50.SYM{i:04d}USDT" for i in range(1, symbols + 1)]
+        for start in range(0, len(books), 10):
+            await ws.send(json.dumps({"op": "subscribe", "args": books[start : start + 10]}))
+        while frames < 2000:
+            await asyncio.sleep(0.01)
+        started, cpu0, frames0 = time.perf_counter(), time.process_time(), frames
+        while time.perf_counter() - started < seconds:
+            await asyncio.sleep(0.05)
+        return (time.process_time() - cpu0) / (frames - frames0) * 1e6
+
+
+def floor_receive(symbols: int = 200, seconds: float = 5.0, direct: bool = False) -> float:
+    """`receive_cpu` (or `receive_cpu_direct`) against its own simulator, as (b) runs it (`--rate max`)."""
     port = free_port()
     process = start_simulator(port, symbols)
     try:
-        return round(asyncio.run(receive_cpu(port, symbols, seconds)), 2)
+        measure = receive_cpu_direct if direct else receive_cpu
+        return round(asyncio.run(measure(port, symbols, seconds)), 2)
     finally:
         process.terminate()
         process.wait(10)
