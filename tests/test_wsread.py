@@ -237,3 +237,46 @@ def test_a_failure_of_the_reader_ends_the_connection_and_is_kept_for_it():
     failure, received = asyncio.run(main())
 
     assert isinstance(failure, RuntimeError) and len(received) == 5
+
+
+def test_frames_held_when_the_connection_is_aborted_are_still_delivered():
+    """The reader waits for the hand-off when the socket is given up (a dead socket's abort): what was read is kept."""
+
+    async def main() -> tuple[list[str | bytes], int]:
+        received: list[str | bytes] = []
+        gone = asyncio.Event()
+
+        async def handler(ws: ServerConnection) -> None:
+            await ws.recv()
+            ws.transport.write(b"".join(frame.serialize(mask=False, extensions=[]) for frame in PLAIN))
+            await ws.wait_closed()
+
+        async def relieve() -> None:
+            await gone.wait()  # the hand-off frees up only after the connection is gone
+
+        server = await serve(handler, "127.0.0.1", 0, compression=None)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            async with connect(f"ws://127.0.0.1:{port}", compression=None, max_size=MAX_SIZE, ping_interval=None,
+                               create_connection=DirectConnection) as client:  # fmt: skip
+                assert client.read_directly(received.append, lambda: len(received) == 3, relieve)
+                await client.send("go")
+                while len(received) < 3:
+                    await asyncio.sleep(0.01)
+                client.transport.abort()
+                await asyncio.wait_for(client.wait_closed(), 10)
+                held = len(received)
+                gone.set()
+                await asyncio.wait_for(client.handed_back, 10)
+                with pytest.raises(ConnectionClosed):
+                    await client.recv()
+        finally:
+            server.close()
+            await server.wait_closed()
+        return received, held
+
+    received, held = asyncio.run(main())
+
+    assert held == 3
+    assert len(received) >= 5  # the tiny frames after the third came in the same read
+    assert received == [frame.data.decode() for frame in PLAIN][: len(received)]
