@@ -396,7 +396,7 @@ class BybitSocket:
             if count & (YIELD_EVERY - 1) == 0:
                 await asyncio.sleep(0)  # let the publisher and RabbitMQ's acks have their turn
 
-    def take(self, raw: str) -> None:
+    def take(self, raw: str | bytes) -> None:
         """One frame read directly (streaming.wsread), as `read` handles one from `recv()`."""
         self.last_frame_mono = time.monotonic()
         control = self.on_frame(raw, self)

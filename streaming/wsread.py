@@ -41,11 +41,13 @@ Relieve = Callable[[], Any]  # awaited while the reader holds, as BybitSocket.re
 
 
 class DirectConnection(ClientConnection):
+    """websockets' client connection, reading its data frames itself once `read_directly` is called."""
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.deliver: Deliver | None = None
         self.hold: Hold | None = None
-        self.relieve: Callable[[], Any] | None = None
+        self.relieve: Relieve | None = None
         self.direct = False
         self.buffer = b""  # bytes received, delivered up to `offset`: the rest is a frame's start, or held
         self.offset = 0
@@ -94,7 +96,7 @@ class DirectConnection(ClientConnection):
                     length, head = int.from_bytes(buffer[pos + 2 : pos + 10], "big"), 10
                 end = pos + head + length
                 if first not in DATA_HEADS or second & 0x80 or (limit is not None and length > limit):
-                    if self.lost:  # held frames after the loss: the text ones are delivered, nothing is answered
+                    if self.lost:  # held frames after the loss: data frames are delivered, nothing is answered
                         if size < end:
                             break
                         pos = end
