@@ -16,7 +16,7 @@ import itertools
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import structlog
 from websockets.asyncio.client import ClientConnection, connect
@@ -24,7 +24,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
 from streaming.circuit import CircuitBreaker, ConnectionBudget, backoff_delay
 from streaming.protocol import AuthReply, Request, Subscriptions, auth_reply, auth_request
-from streaming.wsread import BATCH, DirectConnection
+from streaming.wsread import DirectConnection
 
 log = structlog.get_logger(__name__)
 
@@ -38,7 +38,6 @@ ENDPOINTS = {
     # Demo trading has only private streams; its market data is mainnet's.
     "demo": ("wss://stream.bybit.com/v5/public", "wss://stream-demo.bybit.com/v5/private"),
 }
-YIELD_EVERY = BATCH  # frames read before the reader lets other tasks run (a power of two)
 RECEIVE_QUEUE = 1024  # frames websockets buffers before it stops reading the socket
 
 
@@ -80,9 +79,9 @@ class Unanswered(Exception):
 CONNECT_ERRORS = (OSError, TimeoutError, InvalidHandshake, InvalidURI)
 
 
-async def dial(url: str, config: SocketConfig) -> ClientConnection:
+async def dial(url: str, config: SocketConfig) -> DirectConnection:
     """Open one WebSocket connection with the options every Bybit socket uses."""
-    return await asyncio.wait_for(
+    ws = await asyncio.wait_for(
         connect(
             url,
             open_timeout=config.connect_timeout,
@@ -96,6 +95,7 @@ async def dial(url: str, config: SocketConfig) -> ClientConnection:
         ),
         config.connect_timeout,
     )
+    return cast(DirectConnection, ws)  # create_connection made it one
 
 
 async def until_stopped(awaitable: Awaitable[T], stopping: asyncio.Event) -> T | None:
@@ -303,7 +303,7 @@ class BybitSocket:
             await pause(self.stopping, delay)
         self.state = "stopped"
 
-    async def connect(self) -> ClientConnection:
+    async def connect(self) -> DirectConnection:
         """One attempt through the endpoint's breaker and the shared budget; the breaker hears how it went."""
         async with self.breaker.attempt():
             await self.budget.acquire()
@@ -330,7 +330,7 @@ class BybitSocket:
         self.state = "reconnecting"
         self.health.down(time.time())
 
-    async def session(self, ws: ClientConnection) -> None:
+    async def session(self, ws: DirectConnection) -> None:
         """One connected lifetime: auth, subscribe everything wanted, read until it ends."""
         self.ws = ws
         self.last_frame_mono = time.monotonic()
@@ -372,32 +372,13 @@ class BybitSocket:
             raise AuthRejected(reply.error)
         log.info("bybit.authenticated", socket=self.name, after_refusals=self.health.auth_accepted())
 
-    async def read(self, ws: ClientConnection) -> None:
-        on_frame = self.on_frame
+    async def read(self, ws: DirectConnection) -> None:
         # None for the private socket: it never waits for market data to drain.
         backlogged, relieve = self.backpressure or (None, None)
-        if isinstance(ws, DirectConnection) and ws.read_directly(self.take, backlogged, relieve):
-            try:
-                await ws.handed_back  # the connection ended, or websockets has the rest of the stream
-            finally:
-                ws.stop_reading()
-            if ws.failure is not None:
-                raise ws.failure
-        count = 0  # websockets' queue: what it was handed back, or the connection's end (ConnectionClosed)
-        while True:
-            raw = await ws.recv()  # returns without yielding while frames are buffered
-            self.last_frame_mono = time.monotonic()
-            control = on_frame(raw, self)
-            if control is not None:
-                self.on_control(control)
-            if backlogged is not None and backlogged():
-                await relieve()  # type: ignore[misc]
-            count += 1
-            if count & (YIELD_EVERY - 1) == 0:
-                await asyncio.sleep(0)  # let the publisher and RabbitMQ's acks have their turn
+        await ws.read_all(self.take, backlogged, relieve)
 
     def take(self, raw: str | bytes) -> None:
-        """One frame read directly (streaming.wsread), as `read` handles one from `recv()`."""
+        """One frame, read directly (streaming.wsread) or from `recv()`."""
         self.last_frame_mono = time.monotonic()
         control = self.on_frame(raw, self)
         if control is not None:

@@ -13,7 +13,7 @@ Everything else is websockets' own: the handshake, and every frame that is not s
 protocol whole, at a frame boundary, exactly as it would have received it. A control frame is
 answered there (a ping's pong, the closing handshake) and direct reading goes on; after any other
 frame websockets handles, or once the connection is closing, the rest of the stream is
-websockets' and the reader goes back to `recv()` (`handed_back`), so no frame changes order.
+websockets' and `read_all` goes on with `recv()` (`handed_back`), so no frame changes order.
 Every BATCH frames, and whenever the gateway's hand-off is nearly full (`hold`), reading stops
 (the socket paused) until the loop's next turn or the hand-off's relief.
 tests/test_wsread.py checks what it delivers against websockets' own client on the same bytes.
@@ -57,6 +57,24 @@ class DirectConnection(ClientConnection):
         self.failure: BaseException | None = None
         self.handed_back: asyncio.Future[None] = self.loop.create_future()
         self.max_payload = self.protocol.max_message_size
+
+    async def read_all(self, deliver: Deliver, hold: Hold | None = None, relieve: Relieve | None = None) -> None:
+        """Deliver every frame, directly or else from recv(), until the connection ends: then raise its close."""
+        if self.read_directly(deliver, hold, relieve):
+            try:
+                await self.handed_back  # the connection ended, or websockets has the rest of the stream
+            finally:
+                self.stop_reading()
+            if self.failure is not None:
+                raise self.failure
+        count = 0  # websockets' queue: what it was handed back, or the connection's end
+        while True:
+            deliver(await self.recv())  # recv() returns without yielding while frames are buffered
+            if hold is not None and relieve is not None and hold():
+                await relieve()
+            count += 1
+            if count % BATCH == 0:
+                await asyncio.sleep(0)  # let the publisher and RabbitMQ's acks have their turn
 
     def read_directly(self, deliver: Deliver, hold: Hold | None = None, relieve: Relieve | None = None) -> bool:
         """Deliver frames from now on; False (websockets keeps them, read with `recv()`) when it holds some already."""

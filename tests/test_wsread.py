@@ -280,3 +280,33 @@ def test_frames_held_when_the_connection_is_aborted_are_still_delivered():
     assert held == 3
     assert len(received) >= 5  # the tiny frames after the third came in the same read
     assert received == [frame.data.decode() for frame in PLAIN][: len(received)]
+
+
+def test_read_all_goes_on_with_recv_after_a_hand_back_and_raises_the_close():
+    """BybitSocket's reader: directly, then (after fragments) from websockets' queue, until the connection ends."""
+
+    async def main() -> tuple[list[str | bytes], BaseException | None]:
+        ready = asyncio.Event()
+        server, _ = await serve_script([*PLAIN[:20], *FRAGMENTS, *PLAIN[20:]], 5, ready)
+        port = server.sockets[0].getsockname()[1]
+        received: list[str | bytes] = []
+        ended: BaseException | None = None
+        try:
+            async with connect(f"ws://127.0.0.1:{port}", compression=None, max_size=MAX_SIZE, ping_interval=None,
+                               create_connection=DirectConnection) as client:  # fmt: skip
+                reading = asyncio.ensure_future(client.read_all(received.append))
+                await client.send("go")
+                try:
+                    await asyncio.wait_for(reading, 10)
+                except ConnectionClosed as closed:
+                    ended = closed
+        finally:
+            server.close()
+            await server.wait_closed()
+        return received, ended
+
+    received, ended = asyncio.run(main())
+
+    texts = [frame.data.decode() for frame in PLAIN]
+    assert received == [*texts[:20], "first half, second half", *texts[20:]]
+    assert isinstance(ended, ConnectionClosed)
