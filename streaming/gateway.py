@@ -155,7 +155,7 @@ def database_conninfo(db: dict[str, Any]) -> str:
 
 
 async def release_held(handoff: Handoff, publisher: Publisher, stop: asyncio.Event) -> None:
-    """While the gateway reads late, queue each held book and ticker once its topic's interval is over."""
+    """While the gateway reads late, queue each held book and ticker that stayed quiet past its topic's slot."""
     while not stop.is_set():
         await wait_or_timeout(stop, handoff.pacing.base_ms / 2000)
         now = now_ms()

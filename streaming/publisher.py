@@ -254,8 +254,9 @@ class Handoff:
     - `conflate_at` market events wait for the publisher (RabbitMQ takes them slower than they come);
     - the gateway reads its sockets late (`Pacing`): each book and ticker topic then goes out
       at most once per `pacing.interval_ms`; frames in between fold into a place that is `held`
-      until `release` queues it. The load on RabbitMQ and consumers falls to a rate they can
-      take, the sockets are read on time again, and trades keep flowing.
+      until the first frame read after its slot (or `release`, for a quiet topic) queues it.
+      The load on RabbitMQ and consumers falls to a rate they can take, the sockets are read on
+      time again, and trades keep flowing.
     Trades, liquidations and klines never conflate; only when the queue is full is the oldest
     market event dropped and counted.
     """
@@ -305,11 +306,13 @@ class Handoff:
         if frame.conflatable and self.render is not None:
             key = (frame.category, frame.topic)
             place = self.latest.get(key)
+            received = frame.received_ts
             if place is not None:
                 place.frame = frame
                 self.conflated += 1
+                if key in self.held and received >= self.next_at.get(key, 0):
+                    self.send_held(key, received)  # its interval is over: out now, with what was just read
                 return 0
-            received = frame.received_ts
             if self.pacing.late(received, frame.parsed.get("ts")):
                 if received < self.next_at.get(key, 0):
                     self.latest[key] = self.held[key] = Latest(key, frame)
@@ -326,12 +329,21 @@ class Handoff:
         return len(frame.events)
 
     def release(self, now_ms: int, every: bool = False) -> int:
-        """Queue the held places whose topic's interval is over (`every`: all of them); return how many."""
-        due = [key for key in self.held if every or self.next_at.get(key, 0) <= now_ms]
+        """Queue the held places of quiet topics (`every`: all of them); return how many.
+
+        A held topic goes out with the first frame read after its interval is over (`offer`), so
+        its snapshot carries the newest news, not a frame that waited out the interval. Only a
+        topic that sends nothing newer for `pacing.base_ms` past its slot is sent from here.
+        """
+        quiet_before = now_ms - self.pacing.base_ms
+        due = [key for key in self.held if every or self.next_at.get(key, 0) <= quiet_before]
         for key in due:
-            self.put_market(self.held.pop(key))
-            self.next_at[key] = self.slot_after(key, now_ms)
+            self.send_held(key, now_ms)
         return len(due)
+
+    def send_held(self, key: tuple[str, str], now_ms: int) -> None:
+        self.put_market(self.held.pop(key))
+        self.next_at[key] = self.slot_after(key, now_ms)
 
     def slot_after(self, key: tuple[str, str], after: int) -> int:
         """The first moment after `after` (at most an interval on) in the topic's own slot of the interval.

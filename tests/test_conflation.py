@@ -42,9 +42,12 @@ def gateway(conflate_at: int, pacing: Pacing | None = None) -> tuple[Envelopes, 
     return envelopes, handoff
 
 
-def offer(envelopes: Envelopes, handoff: Handoff, raw: str, category: str = "linear") -> int:
+def offer(envelopes: Envelopes, handoff: Handoff, raw: str, category: str = "linear", read_at: int = 0) -> int:
+    """Hand one frame over as the gateway does; `read_at` (ms), when given, is the moment it was read."""
     frame = envelopes.handle(raw, category)
     assert isinstance(frame, DataFrame), frame
+    if read_at:
+        frame.received_ts = read_at
     return handoff.offer(frame)
 
 
@@ -247,29 +250,39 @@ def test_while_reading_late_a_book_goes_out_once_an_interval_as_its_newest_state
     now = time.time_ns() // 1_000_000
     handoff.pacing.late(now - 1_000, now - 1_000)  # read on time a second ago, and 500 ms late since
     assert not any(handoff.pacing.late(t, t - 500) for t in range(now - LATE_FOR_MS, now, 50))
-    frames = book_frames(200, ts_of=lambda u: now - 500)
-    queued = sum(offer(envelopes, handoff, raw) for raw in frames)
+    frames = book_frames(203, ts_of=lambda u: now - 500)
+    queued = sum(offer(envelopes, handoff, raw, read_at=now) for raw in frames[:201])
     trade = {"topic": "publicTrade.BTCUSDT", "ts": now - 500, "data": [{"i": "t1", "p": "1", "v": "1"}]}
-    offer(envelopes, handoff, orjson.dumps(trade).decode())
+    offer(envelopes, handoff, orjson.dumps(trade).decode(), read_at=now)
     # The snapshot goes out (its topic's interval starts), then one held place for the 200 deltas.
     assert (queued, handoff.conflated, len(handoff.held)) == (2, 199, 1)
     first = taken(handoff)
     assert [(b["class"], b["type"]) for b in first] == [("orderbook", "snapshot"), ("trade", "snapshot")]
-    assert handoff.release(now) == 0  # its interval is not over yet
-    assert handoff.release(time.time_ns() // 1_000_000 + 100) == 1
+    slot = handoff.next_at[("linear", BOOK)]
+    assert now < slot <= now + 100  # its interval's end, in the topic's own slot
+    # At the slot it waits for news: the next frame read sends it at once, that frame included.
+    assert handoff.release(slot) == 0
+    offer(envelopes, handoff, frames[201], read_at=slot)
+    assert not handoff.held
     (latest,) = taken(handoff)
-    assert (latest["conflated"], latest["u"]) == (True, 201)
+    assert (latest["conflated"], latest["u"], latest["received_ts"]) == (True, 202, slot)
     truth = OrderBook()
-    for raw in frames:
+    for raw in frames[:202]:
         message = orjson.loads(raw)
         truth.apply(message["type"], message["data"])
     rebuilt = rebuild([first[0], latest])
     assert rebuilt.top(100) == truth.top(100) and rebuilt.u == truth.u
+    # A topic with no news after its slot goes out from the timer, base_ms later.
+    offer(envelopes, handoff, frames[202], read_at=slot + 1)
+    quiet = handoff.next_at[("linear", BOOK)]
+    assert handoff.release(quiet + 99) == 0 and handoff.release(quiet + 100) == 1
+    assert [b["u"] for b in taken(handoff)] == [203]
     # A flush (shutdown, handover) sends what is held at once, its interval over or not.
-    delta = {"s": "BTCUSDT", "b": [["29990.0", "0"]], "a": [], "u": 202, "seq": 202}
-    offer(envelopes, handoff, orjson.dumps({"topic": BOOK, "type": "delta", "ts": now - 500, "data": delta}).decode())
-    assert len(handoff.held) == 1 and handoff.release(now, every=True) == 1
-    assert [b["u"] for b in taken(handoff)] == [202]
+    delta = {"s": "BTCUSDT", "b": [["29990.0", "0"]], "a": [], "u": 204, "seq": 204}
+    offer(envelopes, handoff, orjson.dumps({"topic": BOOK, "type": "delta", "ts": now - 500, "data": delta}).decode(),
+          read_at=quiet + 101)  # fmt: skip
+    assert len(handoff.held) == 1 and handoff.release(quiet + 101, every=True) == 1
+    assert [b["u"] for b in taken(handoff)] == [204]
 
 
 def test_paced_topics_go_out_spread_over_the_interval_not_all_at_once() -> None:
@@ -277,17 +290,18 @@ def test_paced_topics_go_out_spread_over_the_interval_not_all_at_once() -> None:
     envelopes, handoff = gateway(100_000, pacing)
     pacing.behind, pacing.interval_ms, pacing.changed_at = True, 1_000, 1 << 62  # reading late, at 1 s
     topics = [f"orderbook.50.SYM{i:03d}USDT" for i in range(400)]
+    read_at = time.time_ns() // 1_000_000
     for topic in topics:  # all 400 behind at the same moment: each sends its frame, and holds the next
         for u in (1, 2):
             data = {"s": topic[13:], "b": [["1", "1"]], "a": [["2", "1"]], "u": u}
             frame = {"topic": topic, "type": "snapshot" if u == 1 else "delta", "ts": 0, "data": data}
-            offer(envelopes, handoff, orjson.dumps(frame).decode())
+            offer(envelopes, handoff, orjson.dumps(frame).decode(), read_at=read_at)
     assert len(handoff.held) == 400
     start, end = min(handoff.next_at.values()), max(handoff.next_at.values())
-    assert end - start < 1_000 + 500  # within an interval of each other (and of the moments they were read)
+    assert read_at < start and end <= read_at + 1_000  # each in its own slot of the next interval
     released = []
-    for now in range(start, end + 50, 50):  # the gateway's 50 ms tick
-        due = [key for key in handoff.held if handoff.next_at[key] <= now]
+    for now in range(start, end + 1_050, 50):  # the gateway's 50 ms tick; quiet topics go base_ms past their slot
+        due = [key for key in handoff.held if handoff.next_at[key] <= now - 1_000]
         released.append(handoff.release(now))
         assert all(now < handoff.next_at[key] <= now + 1_000 for key in due)  # next in its slot, an interval on
     assert sum(released) == 400 and max(released) <= 3 * 400 // 20  # about 20 a tick, never all at once
