@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import heapq
 import hmac
 import itertools
 import os
@@ -52,6 +53,7 @@ RET_AUTH_BAD_SIGN = "Invalid signature."  # (check)
 RET_ALREADY_AUTHED = "Repeat auth"  # (check)
 SPOT_ARGS_PER_REQUEST = 10
 ARGS_CHARS_PER_CONNECTION = 21_000
+PUSH_TICK = 0.001  # s: the shortest sleep between two turns of the paced push (each turn writes once per client)
 AUTH_MAX_FUTURE_MS = 3_600_000  # (check) an `expires` an hour ahead is refused as Params Error
 
 
@@ -161,7 +163,9 @@ class Feed:
         self.seed = seed
         self.rate = rate
         self.generators: dict[tuple[str, str], market.Generator] = {}
-        self.pushers: dict[tuple[str, str], asyncio.Task[None]] = {}
+        self.pushers: dict[str, asyncio.Task[None]] = {}  # "paced" (`rate` set) or "max"
+        self.paced: dict[tuple[str, str], float] = {}  # a paced topic's next push (monotonic)
+        self.due: list[tuple[float, tuple[str, str]]] = []  # heap of (next push, topic); stale ones skipped
         self.sent: Counter[tuple[str, str]] = Counter()  # data messages per (category, topic)
 
     def stop(self) -> None:
@@ -186,17 +190,21 @@ class Feed:
         key = (category, topic)
         if self.rate is None:
             if "max" not in self.pushers:
-                self.pushers["max"] = asyncio.create_task(self.push_max())  # type: ignore[index]
+                self.pushers["max"] = asyncio.create_task(self.push_max())
             return
-        if key not in self.pushers:
-            self.pushers[key] = asyncio.create_task(self.push(category, topic))
+        if key not in self.paced:
+            self.paced[key] = at = time.monotonic() + self.interval(key)
+            heapq.heappush(self.due, (at, key))
+        if "paced" not in self.pushers:
+            self.pushers["paced"] = asyncio.create_task(self.push())
 
     def maybe_stop_pusher(self, category: str, topic: str) -> None:
         if any(c.category == category and topic in c.topics for c in self.clients):
             return
-        task = self.pushers.pop((category, topic), None)
-        if task is not None:
-            task.cancel()
+        self.paced.pop((category, topic), None)  # its entry in `due` is skipped when it comes up
+
+    def interval(self, key: tuple[str, str]) -> float:
+        return market.push_interval(*key) / (self.rate or 1.0)
 
     def subscribers(self, category: str, topic: str) -> list[Client]:
         return [c for c in self.clients if c.category == category and topic in c.topics]
@@ -206,19 +214,33 @@ class Feed:
         self.sent[(category, topic)] += 1
         return ws_frame(orjson.dumps(self.generator(category, topic).next()))
 
-    async def push(self, category: str, topic: str) -> None:
-        """Bybit's cadence for one topic, scaled by `rate`; skipped while stalled."""
-        interval = market.push_interval(category, topic) / (self.rate or 1.0)
-        next_at = time.monotonic()
+    async def push(self) -> None:
+        """Bybit's cadence for every subscribed topic, scaled by `rate`; skipped while stalled.
+
+        One task for all topics: each turn sends what is due, one write per client, then sleeps
+        until the next push (at least PUSH_TICK s, so a turn gathers the frames of that time).
+        """
+        due, paced = self.due, self.paced
         while True:
-            next_at += interval
-            if not self.faults.is_stalled():
-                clients = self.subscribers(category, topic)
+            now = time.monotonic()
+            out: dict[Client, list[bytes]] = {}
+            while due and due[0][0] <= now:
+                at, key = heapq.heappop(due)
+                if paced.get(key) != at:
+                    continue  # the topic stopped, or was started again with its own time
+                paced[key] = at = at + self.interval(key)
+                heapq.heappush(due, (at, key))
+                if self.faults.is_stalled():
+                    continue
+                clients = self.subscribers(*key)
                 if clients:
-                    frame = self.publish(category, topic)
+                    frame = self.publish(*key)
                     for client in clients:
-                        client.write(frame)
-            await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+                        out.setdefault(client, []).append(frame)
+            for client, frames in out.items():
+                client.write(b"".join(frames))
+            wait = due[0][0] - time.monotonic() if due else PUSH_TICK
+            await asyncio.sleep(max(PUSH_TICK, wait))
 
     async def push_max(self, batch: int = 256) -> None:
         """As fast as each client reads: frames built in batches, written in one go, flow-controlled."""
