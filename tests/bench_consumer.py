@@ -9,6 +9,42 @@ from typing import Any
 import amqp
 import orjson
 
+IDLE_WAIT = 0.2  # s: a read that waits this long with nothing to read ends a drain
+POLL_EVERY = 0.05  # s: how often a consumer busy with messages looks at its commands
+READ_CHUNK = 4096  # bytes asked of each recv()
+
+
+def connect_reader(url: str) -> amqp.Connection:
+    """A py-amqp connection for a consumer that should not become the delay it measures.
+
+    As it comes, py-amqp reads each frame with three recv() calls of the exact sizes (nine a
+    message) and, given a timeout, sets the socket's timeout twice a frame. Here each recv()
+    asks for at least READ_CHUNK bytes (py-amqp keeps what is over for the next frame), and
+    the timeout is set once: 53 -> 37 us of CPU a message on this machine, 30,000 messages.
+    """
+    from streaming.publisher import amqp_params
+
+    conn = amqp.Connection(**amqp_params(url))
+    conn.connect()
+    transport = conn.transport
+    recv = transport.sock.recv
+    transport._quick_recv = lambda n: recv(max(n, READ_CHUNK))
+    transport.sock.settimeout(IDLE_WAIT)  # drain_events(timeout=IDLE_WAIT) then leaves it alone
+    return conn
+
+
+def drain(conn: amqp.Connection, seconds: float = POLL_EVERY) -> bool:
+    """Deliver messages for about `seconds`, or until none comes for IDLE_WAIT; whether any came."""
+    until, got = time.monotonic() + seconds, False
+    while True:
+        try:
+            conn.drain_events(timeout=IDLE_WAIT)
+        except TimeoutError:
+            return got
+        got = True
+        if time.monotonic() >= until:
+            return True
+
 
 def consume(url: str, queue: str, results: Connection, idle_stop: float = 1.5) -> None:
     """Consume until told to stop and the queue stays idle; send the tallies back on `results`.
@@ -16,10 +52,7 @@ def consume(url: str, queue: str, results: Connection, idle_stop: float = 1.5) -
     Latencies count only from the "measure" message on, so the backlog that built up before
     the consumer started does not pass for delivery latency.
     """
-    from streaming.publisher import amqp_params
-
-    conn = amqp.Connection(**amqp_params(url))
-    conn.connect()
+    conn = connect_reader(url)
     channel = conn.channel()
     channel.basic_qos(0, 5000, False)
     last_u: dict[str, int] = {}
@@ -55,12 +88,10 @@ def consume(url: str, queue: str, results: Connection, idle_stop: float = 1.5) -
                 tally["latencies_ms"], tally["read_lags_ms"] = [], []
             else:
                 stopping, idle_since = True, time.monotonic()
-        try:
-            conn.drain_events(timeout=0.2)
+        if drain(conn):
             idle_since = time.monotonic()
-        except TimeoutError:
-            if stopping and time.monotonic() - idle_since > idle_stop:
-                break
+        elif stopping and time.monotonic() - idle_since > idle_stop:
+            break
     conn.close()
     tally["unique"] = len(seen_ids)
     tally["topics"] = len(last_u)
