@@ -152,12 +152,20 @@ def alternate_exchange_policy(amqp_url: str, management_url: str, timeout: float
         pass
 
 
+def by_symbol(topic: str) -> tuple[str, str]:
+    """Sort key: the symbol (a topic's last part), then the topic."""
+    return topic.rpartition(".")[2], topic
+
+
 def assign(wanted: dict[str, set[str]], current: dict[str, tuple[str, set[str]]]) -> dict[str, tuple[str, set[str]]]:
     """Place wanted topics on sockets: `{socket name: (category, topics)}`.
 
     `current` is the same shape for the sockets that exist. Topics stay where they are; new
     ones go to the first socket of their category with room, else to a new socket named
-    `<category>-<n>`. Sockets left with no topics are absent from the result.
+    `<category>-<n>`. Sockets left with no topics are absent from the result. New topics are
+    taken symbol by symbol, so a symbol's book, ticker and trades share a socket and the heavy
+    book topics spread over the sockets instead of filling the first one: a socket read behind
+    the others then holds a third of the books, not all of them.
     """
     plan: dict[str, tuple[str, set[str]]] = {}
     placed: set[tuple[str, str]] = set()
@@ -166,7 +174,7 @@ def assign(wanted: dict[str, set[str]], current: dict[str, tuple[str, set[str]]]
         plan[name] = (category, keep)
         placed.update((category, t) for t in keep)
     for category in sorted(wanted):
-        for topic in sorted(wanted[category]):
+        for topic in sorted(wanted[category], key=by_symbol):
             if (category, topic) in placed:
                 continue
             target = next(

@@ -30,3 +30,16 @@ def test_a_category_outgrowing_one_connection_gets_another() -> None:
 
 def test_sockets_with_nothing_left_are_dropped_from_the_plan() -> None:
     assert assign({}, {"spot-1": ("spot", {"x"})}) == {}
+
+
+def test_a_symbols_topics_share_a_socket_so_books_spread_over_sockets() -> None:
+    symbols = [f"SYM{i:04d}USDT" for i in range(TOPICS_PER_CONNECTION)]
+    topics = {f"{kind}{s}" for s in symbols for kind in ("orderbook.50.", "tickers.", "publicTrade.")}
+    plan = assign({"linear": topics}, {})
+    assert len(plan) == 3
+    for _, placed in plan.values():
+        books = sum(t.startswith("orderbook.") for t in placed)
+        assert TOPICS_PER_CONNECTION // 3 - 1 <= books <= TOPICS_PER_CONNECTION // 3 + 1
+    home = {t: name for name, (_, placed) in plan.items() for t in placed}
+    split = [s for s in symbols if len({home[f"{k}{s}"] for k in ("orderbook.50.", "tickers.", "publicTrade.")}) > 1]
+    assert len(split) <= len(plan) - 1
