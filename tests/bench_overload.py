@@ -12,6 +12,7 @@ from __future__ import annotations
 import multiprocessing
 import signal
 import statistics
+import sys
 import threading
 import time
 from multiprocessing.connection import Connection
@@ -156,7 +157,7 @@ def consume(url: str, classes: tuple[str, ...], results: Connection, idle_stop: 
             if command == "warm":
                 warming = True
             elif command == "measure":
-                measuring[0] = True
+                measuring[0], warming = True, False
             else:
                 measuring[0], stopping, idle_since = False, True, time.monotonic()
         last_second = int(time.time()) - 1
@@ -177,6 +178,12 @@ def consume(url: str, classes: tuple[str, ...], results: Connection, idle_stop: 
     tally["lag_by_second"] = [lag_by_second[k] for k in sorted(lag_by_second)]
     tally["delay_by_second"] = [delay_by_second[k] for k in sorted(delay_by_second)]
     results.send(tally)
+
+
+def tally_of(pipe: Connection) -> dict[str, Any]:
+    """A consumer's tally; a "steady" it sent just as measuring began (never steady before) is skipped."""
+    message = pipe.recv()
+    return pipe.recv() if message == "steady" else message
 
 
 def emit_orders(control: str, stop: threading.Event, per_second: float, sent: list[str]) -> None:
@@ -233,11 +240,15 @@ def run(events_per_s: float, seconds: float = 20.0, symbols: int = 200) -> dict[
         # Warm-up: the start is a burst (600 snapshots, and every frame published until pacing has
         # widened), which the consumer takes seconds to work through; what is measured is the
         # overload after it, from the first second whose arrivals are under WARM_DELAY_MS late.
+        # A gateway that never catches up is measured all the same, from WARM_UP_TIMEOUT on, and
+        # the result says so (`warm_up_s` None): a bench that fails writes no figures at all.
         warm_from = time.monotonic()
         pipes[0].send("warm")
-        if not pipes[0].poll(WARM_UP_TIMEOUT) or pipes[0].recv() != "steady":
-            raise RuntimeError(f"the consumer was still late {WARM_UP_TIMEOUT} s after the start")
-        warmed_s = round(time.monotonic() - warm_from, 1)
+        steady = pipes[0].poll(WARM_UP_TIMEOUT) and pipes[0].recv() == "steady"
+        warmed_s = round(time.monotonic() - warm_from, 1) if steady else None
+        if not steady:
+            print(f"bench (e): market events still over {WARM_DELAY_MS} ms late {WARM_UP_TIMEOUT:.0f} s after"
+                  " the start; measuring anyway", file=sys.stderr)  # fmt: skip
         status_before, sent_before = bg.gateway_status(), sim_sent(control)
         before = status_before["counters"]
         for parent in pipes:
@@ -265,7 +276,7 @@ def run(events_per_s: float, seconds: float = 20.0, symbols: int = 200) -> dict[
         # The market feed stops (a simulator stall), then what it sent is read and the consumer drains.
         requests.post(f"{control}/control/faults/stall", json={"seconds": 60}, timeout=10).raise_for_status()
         sent = sim_sent(control)
-        tally, private_tally = (parent.recv() for parent in pipes)
+        tally, private_tally = (tally_of(parent) for parent in pipes)
         for consumer in consumers:
             consumer.join(10)
         gateway.send_signal(signal.SIGTERM)
@@ -335,7 +346,6 @@ def run(events_per_s: float, seconds: float = 20.0, symbols: int = 200) -> dict[
 
 if __name__ == "__main__":
     import os
-    import sys
 
     os.environ.update(bg.env())
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "wsgateway.settings")
