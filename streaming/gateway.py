@@ -65,6 +65,7 @@ class GatewayConfig:
     conflate_interval_ms: int
     conflate_max_interval_ms: int
     lag_limit_ms: int
+    consumer_backlog: int
     confirm_window: int
     lock_ttl: float
     status_interval: float
@@ -112,6 +113,7 @@ class GatewayConfig:
             conflate_interval_ms=s.GATEWAY_CONFLATE_INTERVAL_MS,
             conflate_max_interval_ms=s.GATEWAY_CONFLATE_MAX_INTERVAL_MS,
             lag_limit_ms=s.GATEWAY_LAG_LIMIT_MS,
+            consumer_backlog=s.GATEWAY_CONSUMER_BACKLOG,
             confirm_window=s.GATEWAY_CONFIRM_WINDOW,
             lock_ttl=s.GATEWAY_LOCK_TTL,
             status_interval=s.GATEWAY_STATUS_INTERVAL,
@@ -310,6 +312,8 @@ class Gateway:
             self.start(self.recovery.keep_watermark(self.redis, stop, self.config.status_interval), "watermark"),
             self.start(release_held(self.handoff, self.publisher, stop), "conflation"),
         ]
+        if self.config.consumer_backlog:
+            loops.append(self.start(self.reconciler.watch_backlog(stop, self.config.consumer_backlog), "backlog"))
         writers = [
             self.start(self.cache.run(stop, self.handoff.pacing), "lvc"),
             self.start(self.balances.run(stop), "balances"),

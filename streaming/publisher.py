@@ -76,6 +76,7 @@ WIDEN_EVERY_MS = 250  # while reads stay late, the interval doubles this often
 EASE_EVERY_MS = 4_000  # reads on time this long halve the interval; below the base, pacing ends
 LATE_FOR_MS = 250  # late reads must go on this long (no pause over LATE_GAP_MS) to count: a hiccup does not
 LATE_GAP_MS = 100
+STAY_PACED_MS = 30_000  # after consumers were behind, pacing eases down to its base but ends only this much later
 CAPABILITIES = {  # what RabbitMQ may use on this connection
     "publisher_confirms": True,
     "basic.nack": True,
@@ -195,6 +196,10 @@ class Pacing:
     seconds builds in the sockets. Once reads are on time the interval halves every
     `EASE_EVERY_MS`, and pacing ends below `base_ms`: a lasting overload settles on the
     shortest interval it can keep up with instead of swinging between none and the longest.
+    While `downstream` is set (a consumer's market queue holds a backlog: Reconciler.watch_backlog)
+    every frame counts as late, and the gateway is behind at once: RabbitMQ and the consumers are
+    given less until they catch up. Pacing then ends only `STAY_PACED_MS` after the last backlog
+    (the full rate would build it again).
     """
 
     def __init__(self, limit_ms: int = 100, base_ms: int = 100, max_ms: int = 1_000) -> None:
@@ -205,6 +210,8 @@ class Pacing:
         self.late_since = self.last_late = -(1 << 62)  # the run of late frames going on, if any
         self.floor = self.window_min = 1 << 62  # the previous window's lowest read lag, and this one's
         self.window_end = 0
+        self.downstream = False  # a consumer's queue holds a backlog
+        self.downstream_at = -(1 << 62)  # ms: when one last did
 
     def late(self, received: int, exchange_ts: object) -> bool:
         """Whether the gateway is behind (see the class), given a book or ticker frame just read."""
@@ -215,7 +222,7 @@ class Pacing:
             self.window_min = lag
         if received >= self.window_end and not self.behind:
             self.floor, self.window_min, self.window_end = self.window_min, lag, received + LAG_WINDOW_MS
-        if lag - min(self.floor, self.window_min) <= self.limit_ms:
+        if lag - min(self.floor, self.window_min) <= self.limit_ms and not self.downstream:
             return self.behind
         if self.behind:  # still late: widen, however sparse the reads (a held topic is not read again)
             self.last_late = received
@@ -225,10 +232,16 @@ class Pacing:
         if received - self.last_late > LATE_GAP_MS:
             self.late_since = received
         self.last_late = received
-        if received - self.late_since < LATE_FOR_MS:
+        if received - self.late_since < LATE_FOR_MS and not self.downstream:  # a queue's backlog is no hiccup
             return False
         self.behind, self.interval_ms, self.changed_at = True, self.base_ms, received
         return True
+
+    def consumers_behind(self, behind: bool, now_ms: int) -> None:
+        """A service's market queue holds a backlog (or no longer does): Reconciler.watch_backlog."""
+        self.downstream = behind
+        if behind:
+            self.downstream_at = now_ms
 
     def ease(self, now_ms: int) -> None:
         """Halve the interval once reads have been on time for `EASE_EVERY_MS`; below the base, stop pacing.
@@ -239,7 +252,9 @@ class Pacing:
             self.interval_ms //= 2
             self.changed_at = now_ms
             if self.interval_ms < self.base_ms:
-                self.behind, self.interval_ms = False, self.base_ms
+                # Consumers that were behind lately would be again at the full rate: stay at the base.
+                ended = now_ms - self.downstream_at >= STAY_PACED_MS
+                self.behind, self.interval_ms = not ended, self.base_ms
 
 
 class Handoff:

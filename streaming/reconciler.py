@@ -30,6 +30,8 @@ from django.db import DatabaseError, close_old_connections, connection
 from django.utils import timezone
 
 from streaming.circuit import backoff_delay
+from streaming.envelope import now_ms
+from streaming.lock import wait_or_timeout
 from streaming.protocol import fits
 from streaming.publisher import amqp_params, connect, declare_events_exchange
 from subscriptions.models import Subscription
@@ -51,6 +53,8 @@ T = TypeVar("T")
 PRIVATE = "private"
 CANCELLED_LOOKBACK = timedelta(days=1)  # bindings of rows cancelled while the gateway was down
 LAST_EVENT_FLUSH_INTERVAL = 10.0  # seconds between `last_event_at` writes
+BACKLOG_POLL = 0.2  # seconds between looks at the depth of the services' market queues
+BACKLOG_RETRY = 5.0  # seconds before looking again when RabbitMQ did not answer
 UNROUTABLE = "ws-gateway.unroutable"  # the events exchange's alternate exchange (fanout), and its queue
 # Bounded, and self-emptying: it is there to show what was lost and why, not to keep it forever.
 UNROUTABLE_ARGUMENTS = {"x-max-length": 10_000, "x-overflow": "drop-head", "x-message-ttl": 3_600_000}
@@ -316,6 +320,28 @@ class Bindings:
             channel.queue_declare(queue, passive=True)
             return channel
 
+    def deepest(self, queues: list[str]) -> tuple[int, str]:
+        """The most messages waiting in one of `queues` that has a consumer, and its name.
+
+        A queue nobody consumes from is left out: a stopped service is the slow-consumer alert's
+        business, and must not slow every other service's books. A missing queue is skipped.
+        """
+        deepest, name = 0, ""
+        try:
+            channel = self.open()
+            for queue in queues:
+                try:
+                    _, messages, consumers = channel.queue_declare(queue, passive=True)
+                except amqp.exceptions.NotFound:
+                    self.channel = channel = self.conn.channel()  # type: ignore[union-attr] - the error closed it
+                    continue
+                if consumers and messages > deepest:
+                    deepest, name = messages, queue
+        except (OSError, amqp.exceptions.AMQPError):
+            self.close()
+            raise
+        return deepest, name
+
     def open(self) -> amqp.Channel:
         if self.channel is None or self.conn is None or not self.conn.connected:
             self.conn = connect(self.url, name="ws-gateway declarations")
@@ -402,6 +428,26 @@ class Reconciler:
             self.seen.clear()  # the same dict: the per-frame path writes into it
             self.last_events_flushed = time.monotonic()
             await self.in_io(record_last_events, seen)
+
+    async def watch_backlog(self, stop: asyncio.Event, limit: int) -> None:
+        """While a service's market queue holds more than `limit` messages, consumers are behind: pace."""
+        pacing = self.gateway.handoff.pacing
+        while not stop.is_set():
+            await wait_or_timeout(stop, BACKLOG_POLL)
+            queues = sorted({r.queue_name for r in self.rows if r.event_class not in PRIVATE_CLASSES})
+            try:
+                depth, queue = await self.in_io(self.bindings.deepest, queues)
+            except (OSError, amqp.exceptions.AMQPError) as exc:
+                if self.throttle.allow("backlog") is not None:
+                    log.warning("pacing.backlog_unknown", error=f"{type(exc).__name__}: {exc}"[:200])
+                pacing.consumers_behind(False, now_ms())  # unknown: only the gateway's own read lag counts
+                await wait_or_timeout(stop, BACKLOG_RETRY)
+                continue
+            behind = depth > limit
+            if behind != pacing.downstream:
+                log.info("pacing.consumers_behind" if behind else "pacing.consumers_caught_up", queue=queue,
+                         messages=depth, limit=limit)  # fmt: skip
+            pacing.consumers_behind(behind, now_ms())
 
     def redeclare(self) -> None:
         """Queues or bindings may be gone (the publisher reconnected, or a publish came back): declare them now."""

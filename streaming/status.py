@@ -128,8 +128,9 @@ def status_record(gw: Gateway) -> dict[str, Any]:
         "published_by_routing_key": dict(counters.by_routing_key),
         "handoff_depth": len(gw.handoff),
         "read_pauses": gw.handoff.read_pauses,
-        "pacing": {  # reading late: each book and ticker goes out at most once per interval
+        "pacing": {  # reading late, or consumers behind: each book and ticker goes out at most once per interval
             "behind": gw.handoff.pacing.behind,
+            "consumers_behind": gw.handoff.pacing.downstream,
             "interval_ms": gw.handoff.pacing.interval_ms,
             "held": len(gw.handoff.held),
         },

@@ -163,6 +163,11 @@ def main(which: str) -> dict[str, Any]:
                 overload["private_p99_ms"],
                 f"{overload['orders_received']} of {overload['orders_sent']} orders",
             ),
+            (
+                "    cores busy",
+                f"{overload['cores_busy_total']} of {os.cpu_count()}",
+                ", ".join(f"{name} {busy}" for name, busy in overload["cores_busy"].items()),
+            ),
         ]
     if which in ("all", "orderbook"):
         books = bench_orderbook.run()

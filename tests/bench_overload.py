@@ -253,6 +253,14 @@ def run(events_per_s: float, seconds: float = 20.0, symbols: int = 200) -> dict[
         before = status_before["counters"]
         for parent in pipes:
             parent.send("measure")
+        # CPU of every process on the path: whether the machine had a core to spare at this rate.
+        parts = {
+            "simulator": [simulator.pid],
+            "consumers": [consumer.pid for consumer in consumers],  # type: ignore[misc]
+            "rabbitmq": bg.pids_named("beam.smp"),
+            "redis": bg.pids_named("redis-server"),
+        }
+        cpu_before = {name: bg.cpu_of(pids) for name, pids in parts.items()}
         cpu0, _ = bg.proc_stats(gateway.pid)
         stop, orders = threading.Event(), []
         emitter = threading.Thread(target=emit_orders, args=(control, stop, 20.0, orders))
@@ -271,6 +279,8 @@ def run(events_per_s: float, seconds: float = 20.0, symbols: int = 200) -> dict[
             parent.send("stop")
         elapsed = time.monotonic() - t0
         cpu1, rss = bg.proc_stats(gateway.pid)
+        cpu_used = {name: bg.cpu_of(pids) - cpu_before[name] for name, pids in parts.items()}
+        cpu_used["gateway"] = cpu1 - cpu0
         status_after = bg.gateway_status()
         after = status_after["counters"]
         # The market feed stops (a simulator stall), then what it sent is read and the consumer drains.
@@ -329,6 +339,8 @@ def run(events_per_s: float, seconds: float = 20.0, symbols: int = 200) -> dict[
         "read_pauses": status_after["read_pauses"] - status_before["read_pauses"],
         "cpu_us_per_frame_in": round((cpu1 - cpu0) / max(1, after["frames_in"] - before["frames_in"]) * 1e6, 1),
         "rss_mb": round(rss, 1),
+        "cores_busy": {name: round(used / elapsed, 2) for name, used in cpu_used.items()},
+        "cores_busy_total": round(sum(cpu_used.values()) / elapsed, 2),
         "handoff_depth_max": max(handoff),
         "handoff_depth_median": statistics.median(handoff),
         "in_flight_median": statistics.median(in_flight),

@@ -14,7 +14,15 @@ import orjson
 
 from streaming.envelope import DataFrame, Envelopes, Event
 from streaming.marketstate import MarketState, OrderBook
-from streaming.publisher import EASE_EVERY_MS, LAG_WINDOW_MS, LATE_FOR_MS, WIDEN_EVERY_MS, Handoff, Pacing
+from streaming.publisher import (
+    EASE_EVERY_MS,
+    LAG_WINDOW_MS,
+    LATE_FOR_MS,
+    STAY_PACED_MS,
+    WIDEN_EVERY_MS,
+    Handoff,
+    Pacing,
+)
 
 BOOK = "orderbook.50.BTCUSDT"
 
@@ -243,6 +251,24 @@ def test_once_on_time_the_interval_eases_step_by_step_and_pacing_ends_below_the_
     # Behind again later: from the base, as a new overload.
     again = [pacing.late(u, u - 200) for u in range(t + 5 * EASE_EVERY_MS, t + 5 * EASE_EVERY_MS + 2 * LATE_FOR_MS, 10)]
     assert again.index(True) * 10 == LATE_FOR_MS and pacing.interval_ms == 100
+
+
+def test_consumers_behind_pace_at_once_though_reads_are_on_time_and_pacing_ends_only_well_after() -> None:
+    pacing = Pacing(limit_ms=100, base_ms=100, max_ms=400)
+    assert not any(pacing.late(t, t - 5) for t in range(0, 1_000, 10))  # reads on time: not behind
+    pacing.consumers_behind(True, 1_000)  # a service's market queue holds a backlog
+    assert pacing.late(1_010, 1_005)  # behind with the next read, no LATE_FOR_MS wait
+    assert all(pacing.late(t, t - 5) for t in range(1_020, 1_020 + 2 * WIDEN_EVERY_MS, 10))
+    assert pacing.interval_ms == 400  # widened while the backlog stayed
+    pacing.consumers_behind(False, 1_600)  # caught up
+    now = 1_600
+    while pacing.interval_ms > 100 or now < 1_600 + 3 * EASE_EVERY_MS:
+        now += EASE_EVERY_MS
+        pacing.ease(now)
+    assert pacing.behind and pacing.interval_ms == 100  # eased to the base, and stays there
+    assert pacing.late(now + 10, now + 5)
+    pacing.ease(1_000 + STAY_PACED_MS + EASE_EVERY_MS)
+    assert not pacing.behind  # long after the last backlog, the full rate is tried again
 
 
 def test_while_reading_late_a_book_goes_out_once_an_interval_as_its_newest_state() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from streaming.publisher import connect
 from subscriptions.models import Subscription
 from subscriptions.services import subscription_cancel, subscription_create
 from tests.conftest import QueueReader, wait_for
@@ -204,3 +205,27 @@ def test_a_gateway_reading_late_sends_each_book_once_an_interval_and_trades_in_f
     assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))  # never paced: every trade, in order
     books.close()
     trades.close()
+
+
+def test_a_consumer_behind_paces_books_though_the_gateway_reads_on_time(
+    start_gateway, gateway_settings, simulator, rabbit
+) -> None:
+    gateway_settings.GATEWAY_CONSUMER_BACKLOG = 20
+    runner = start_gateway()
+    book, _ = subscription_create(
+        service_name="alpha", channel="orderbook", category="linear", symbol="BTCUSDT", depth=50
+    )
+    wait_for(lambda: status_of(book) == "active", message="active")
+    pacing = runner.gateway.handoff.pacing
+    stuck = connect(rabbit, name="test stuck consumer")
+    channel = stuck.channel()
+    channel.basic_qos(0, 1, False)
+    channel.basic_consume("ws-gateway.alpha.orderbook", callback=lambda message: None)  # takes one, never acks
+    wait_for(lambda: pacing.downstream and pacing.behind, timeout=10, message="pacing for the consumer behind")
+    stuck.close()
+    books = QueueReader(rabbit, "ws-gateway.alpha.orderbook")  # a consumer that keeps up
+    wait_for(lambda: not pacing.downstream, timeout=10, message="the consumer caught up")
+    books.wait(lambda m: any(b.get("conflated") for b in m), message="a paced snapshot")
+    assert pacing.behind  # paced at the base interval for a while yet: the full rate would build it again
+    books.close()
+    assert runner.stop() == 0

@@ -319,5 +319,9 @@ def test_market_events_the_full_hand_off_dropped_warn_and_conflation_alone_does_
 
 def test_a_gateway_reading_late_warns_with_its_pacing_interval() -> None:
     (alert,) = gateway_alerts(status(pacing={"behind": True, "interval_ms": 400, "held": 12}), NOW)
-    assert (alert.name, alert.severity, alert.details) == ("gateway.reading_late", "warning", {"interval_ms": 400})
+    details = {"interval_ms": 400, "consumers_behind": False}
+    assert (alert.name, alert.severity, alert.details) == ("gateway.reading_late", "warning", details)
+    behind = {"behind": True, "consumers_behind": True, "interval_ms": 100, "held": 3}
+    (alert,) = gateway_alerts(status(pacing=behind), NOW)
+    assert alert.details == {"interval_ms": 100, "consumers_behind": True}  # a slow consumer, not the gateway
     assert gateway_alerts(status(pacing={"behind": False, "interval_ms": 400, "held": 0}), NOW) == []

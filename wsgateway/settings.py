@@ -295,6 +295,10 @@ GATEWAY_CONFLATE_AT = env_int("GATEWAY_CONFLATE_AT", 1_000, 0)
 GATEWAY_LAG_LIMIT_MS = env_int("GATEWAY_LAG_LIMIT_MS", 100, 1)
 GATEWAY_CONFLATE_INTERVAL_MS = env_int("GATEWAY_CONFLATE_INTERVAL_MS", 100, 1)
 GATEWAY_CONFLATE_MAX_INTERVAL_MS = env_int("GATEWAY_CONFLATE_MAX_INTERVAL_MS", 1_000, 1)
+# Consumers behind count as reading late: while a service's market queue that has a consumer
+# holds more than this many messages (looked at every 0.2 s), books and tickers are paced as
+# above. 0: only the gateway's own read lag counts.
+GATEWAY_CONSUMER_BACKLOG = env_int("GATEWAY_CONSUMER_BACKLOG", 500, 0)
 # Every queue and binding is declared again this often (and at once after a publisher reconnect
 # or a returned publish), so one deleted by an operator comes back by itself.
 GATEWAY_REDECLARE_INTERVAL = env_float("GATEWAY_REDECLARE_INTERVAL", 30.0, 0.1)

@@ -190,8 +190,10 @@ def gateway_alerts(status: dict[str, Any] | None, now: float) -> list[Alert]:
         alerts.append(Alert("gateway.market_dropped", "gateway", "warning", {"events": counters["dropped"]}))
     pacing = status.get("pacing") or {}
     if pacing.get("behind"):
-        # Reading its sockets late: books and tickers go out at most once per interval, as their newest state.
-        alerts.append(Alert("gateway.reading_late", "gateway", "warning", {"interval_ms": pacing.get("interval_ms")}))
+        # Reading its sockets late, or consumers behind: books and tickers go out at most once per
+        # interval, as their newest state.
+        details = {"interval_ms": pacing.get("interval_ms"), "consumers_behind": bool(pacing.get("consumers_behind"))}
+        alerts.append(Alert("gateway.reading_late", "gateway", "warning", details))
     if counters.get("unencodable"):
         alerts.append(Alert("gateway.publisher.unencodable", "gateway", "warning", {"events": counters["unencodable"]}))
     balances = status.get("balances") or {}
