@@ -431,10 +431,11 @@ class Reconciler:
 
     async def watch_backlog(self, stop: asyncio.Event, limit: int) -> None:
         """While a service's market queue holds more than `limit` messages, consumers are behind: pace."""
-        pacing = self.gateway.handoff.pacing
+        pacing, wait = self.gateway.handoff.pacing, BACKLOG_POLL
         while not stop.is_set():
-            await wait_or_timeout(stop, BACKLOG_POLL)
+            await wait_or_timeout(stop, wait)
             queues = sorted({r.queue_name for r in self.rows if r.event_class not in PRIVATE_CLASSES})
+            started = time.monotonic()
             try:
                 depth, queue = await self.in_io(self.bindings.deepest, queues)
             except (OSError, amqp.exceptions.AMQPError) as exc:
@@ -443,6 +444,9 @@ class Reconciler:
                 pacing.consumers_behind(False, now_ms())  # unknown: only the gateway's own read lag counts
                 await wait_or_timeout(stop, BACKLOG_RETRY)
                 continue
+            # Hundreds of queues take a while to look at: then look less often, so the I/O thread
+            # (and the GIL it shares with the event loop) spends at most a fifth of its time on it.
+            wait = max(BACKLOG_POLL, 4 * (time.monotonic() - started))
             behind = depth > limit
             if behind != pacing.downstream:
                 log.info("pacing.consumers_behind" if behind else "pacing.consumers_caught_up", queue=queue,
