@@ -256,7 +256,7 @@ def run(events_per_s: float, seconds: float = 20.0, symbols: int = 200) -> dict[
         # CPU of every process on the path: whether the machine had a core to spare at this rate.
         parts = {
             "simulator": [simulator.pid],
-            "consumers": [consumer.pid for consumer in consumers],  # type: ignore[misc]
+            "consumers": [consumer.pid for consumer in consumers],
             "rabbitmq": bg.pids_named("beam.smp"),
             "redis": bg.pids_named("redis-server"),
         }
