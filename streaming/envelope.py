@@ -97,7 +97,12 @@ class DataFrame:
     pending: bool = False  # its event is not made yet: Envelopes.event makes it if it is published as it is
 
 
-Frame = ControlReply | Malformed | DataFrame
+class Skipped:
+    """A delta of a book the gateway is resyncing while far behind (Gateway.shed): not even made a frame."""
+
+
+SKIPPED = Skipped()
+Frame = ControlReply | Malformed | DataFrame | Skipped
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,6 +192,10 @@ class Envelopes:
         data = msg.get("data")
         if data is None:
             return Malformed("missing data", topic)
+        if route.book and self.state is not None:
+            book = self.state.books.get(route.key)
+            if book is not None and book.shedding and msg.get("type") == "delta":
+                return SKIPPED
         state: dict[str, Any] = {}
         frame = DataFrame(topic, msg, route.event_class, category, route.symbol, route.param, trace_id, received_ts,
                           route.routing_key, state)  # fmt: skip

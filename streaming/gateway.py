@@ -25,7 +25,7 @@ from streaming.balances import BalanceWriter
 from streaming.bybit import PUBLIC_CATEGORIES, BybitSocket, SocketConfig, endpoints
 from streaming.bybitrest import BybitRest
 from streaming.circuit import Breakers, ConnectionBudget
-from streaming.envelope import ControlReply, DataFrame, Envelopes, Malformed, now_ms
+from streaming.envelope import SKIPPED, ControlReply, DataFrame, Envelopes, Malformed, now_ms
 from streaming.lock import Lease, OwnerLock, wait_or_timeout
 from streaming.marketstate import LastValueCache, MarketState
 from streaming.publisher import Handoff, Pacing, Publisher
@@ -40,6 +40,7 @@ SHUTDOWN_BUDGET = 9.0  # seconds from SIGTERM to exit, leaving a margin under 10
 MARKET_STATE_CLASSES = frozenset(("orderbook", "ticker", "trade", "balance", "order", "position"))
 OVERSIZED = Malformed("oversized frame")
 NOT_SUBSCRIBED = Malformed("topic not subscribed on this socket")
+RESYNC_EVERY_MS = 5_000  # a book resynced because the gateway was far behind is not resynced again sooner
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +67,7 @@ class GatewayConfig:
     conflate_max_interval_ms: int
     lag_limit_ms: int
     consumer_backlog: int
+    shed_lag_ms: int
     confirm_window: int
     lock_ttl: float
     status_interval: float
@@ -114,6 +116,7 @@ class GatewayConfig:
             conflate_max_interval_ms=s.GATEWAY_CONFLATE_MAX_INTERVAL_MS,
             lag_limit_ms=s.GATEWAY_LAG_LIMIT_MS,
             consumer_backlog=s.GATEWAY_CONSUMER_BACKLOG,
+            shed_lag_ms=s.GATEWAY_SHED_LAG_MS,
             confirm_window=s.GATEWAY_CONFIRM_WINDOW,
             lock_ttl=s.GATEWAY_LOCK_TTL,
             status_interval=s.GATEWAY_STATUS_INTERVAL,
@@ -214,6 +217,9 @@ class Gateway:
             return None
         frame = self.envelopes.handle(raw, sock.category)
         if type(frame) is not DataFrame:
+            if frame is SKIPPED:
+                counters.skipped += 1
+                return None
             if type(frame) is ControlReply:
                 return frame.message
             counters.count_malformed(frame, raw, sock.name)  # type: ignore[arg-type]
@@ -233,7 +239,29 @@ class Gateway:
             if self.throttle.allow(f"gap:{frame.topic}") is not None:
                 log.warning("orderbook.gap", socket=sock.name, topic=frame.topic, trace_id=frame.trace_id)
             sock.resubscribe(frame.topic)
+        elif frame.event_class == "orderbook" and self.handoff.pacing.behind and self.config.shed_lag_ms:
+            self.shed(frame, sock)
         return None
+
+    def shed(self, frame: DataFrame, sock: BybitSocket) -> None:
+        """Far behind on a book (a delta read `shed_lag_ms` later than usual): resync it from a snapshot.
+
+        Seconds behind, reading and applying every delta of the backlog costs more CPU than the
+        gateway has, so the delay only grows. Instead the topic is subscribed again, and until
+        its snapshot comes its deltas are skipped before they become frames (Envelopes): the
+        backlog goes by for the cost of parsing it, and the book is whole and fresh again.
+        """
+        behind_ms = self.handoff.pacing.above_usual(frame.received_ts, frame.parsed.get("ts"))
+        book = self.market.books.get((sock.category, frame.topic))
+        if behind_ms <= self.config.shed_lag_ms or book is None or not book.consistent or frame.topic not in sock.live:
+            return
+        if frame.received_ts - book.shed_at < RESYNC_EVERY_MS:
+            return
+        book.consistent, book.shedding, book.shed_at = False, True, frame.received_ts
+        self.counters.resyncs += 1
+        if self.throttle.allow("resync_behind") is not None:
+            log.warning("orderbook.resync_behind", socket=sock.name, topic=frame.topic, behind_ms=behind_ms)
+        sock.resubscribe(frame.topic)
 
     def open_socket(self, name: str, category: str) -> BybitSocket:
         private = category == PRIVATE

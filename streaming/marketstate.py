@@ -72,7 +72,7 @@ WAITING = BookUpdate(False)  # inconsistent since a gap: nothing applies until a
 
 
 class OrderBook:
-    __slots__ = ("ask_prices", "asks", "bid_prices", "bids", "consistent", "seq", "u")
+    __slots__ = ("ask_prices", "asks", "bid_prices", "bids", "consistent", "seq", "shed_at", "shedding", "u")
 
     def __init__(self) -> None:
         # price -> [price as Bybit wrote it, size]: the top of the book renders with no conversion.
@@ -83,6 +83,9 @@ class OrderBook:
         self.u: int | None = None
         self.seq: int | None = None
         self.consistent = False
+        # Far behind, the gateway drops the book's deltas until a fresh snapshot (Gateway.shed).
+        self.shedding = False
+        self.shed_at = -(1 << 62)  # ms: when it last did
 
     def apply(self, kind: str, data: dict[str, Any]) -> BookUpdate:
         """Apply one message; a gap leaves the book inconsistent until a snapshot arrives."""
@@ -91,7 +94,7 @@ class OrderBook:
             self.bids = {float(p): [p, s] for p, s in data["b"]}
             self.asks = {float(p): [p, s] for p, s in data["a"]}
             self.bid_prices, self.ask_prices = sorted(self.bids), sorted(self.asks)
-            self.u, self.seq, self.consistent = u, data.get("seq"), True
+            self.u, self.seq, self.consistent, self.shedding = u, data.get("seq"), True, False
             return REPLACED
         if not self.consistent:
             return WAITING

@@ -237,6 +237,12 @@ class Pacing:
         self.behind, self.interval_ms, self.changed_at = True, self.base_ms, received
         return True
 
+    def above_usual(self, received: int, exchange_ts: object) -> int:
+        """How much later than the usual read lag a frame was read (ms; 0 without an exchange time)."""
+        if type(exchange_ts) is not int:
+            return 0
+        return received - exchange_ts - min(self.floor, self.window_min)
+
     def consumers_behind(self, behind: bool, now_ms: int) -> None:
         """A service's market queue holds a backlog (or no longer does): Reconciler.watch_backlog."""
         self.downstream = behind

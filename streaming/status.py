@@ -41,6 +41,8 @@ class Counters:
         self.quarantined_by_reason: dict[str, int] = defaultdict(int)
         self.quarantined_at: float | None = None  # wall time of the last one, for the alert
         self.by_routing_key: dict[str, int] = defaultdict(int)  # for the monitors' overflow estimate
+        self.resyncs = 0  # books resynced because the gateway was far behind (Gateway.shed)
+        self.skipped = 0  # their deltas skipped meanwhile
         self.throttle = LogThrottle()
 
     def count_malformed(self, frame: Malformed, raw: str | bytes, socket: str) -> None:
@@ -118,6 +120,8 @@ def status_record(gw: Gateway) -> dict[str, Any]:
             "reordered": publisher.confirms.reordered,
             "dropped": gw.handoff.dropped + publisher.confirms.market_nack_drops,
             "conflated": gw.handoff.conflated,
+            "resyncs_behind": counters.resyncs,
+            "skipped_resyncing": counters.skipped,
             "malformed": counters.malformed,
             "quarantined": counters.quarantined,
             "unencodable": publisher.unencodable,

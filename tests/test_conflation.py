@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import orjson
 
-from streaming.envelope import DataFrame, Envelopes, Event
+from streaming.envelope import SKIPPED, DataFrame, Envelopes, Event
 from streaming.marketstate import MarketState, OrderBook
 from streaming.publisher import (
     EASE_EVERY_MS,
@@ -269,6 +269,21 @@ def test_consumers_behind_pace_at_once_though_reads_are_on_time_and_pacing_ends_
     assert pacing.late(now + 10, now + 5)
     pacing.ease(1_000 + STAY_PACED_MS + EASE_EVERY_MS)
     assert not pacing.behind  # long after the last backlog, the full rate is tried again
+
+
+def test_a_book_resyncing_skips_its_deltas_until_a_snapshot_makes_it_whole_again() -> None:
+    envelopes = Envelopes("run", MarketState())
+    frames = book_frames(6)
+    for raw in frames[:3]:
+        envelopes.handle(raw, "linear")
+    book = envelopes.state.books[("linear", BOOK)]
+    book.consistent, book.shedding = False, True  # Gateway.shed: far behind, resubscribed
+    assert all(envelopes.handle(raw, "linear") is SKIPPED for raw in frames[3:])
+    assert book.u == 3  # nothing applied meanwhile
+    snapshot = orjson.loads(frames[0])
+    snapshot["data"]["u"] = 9
+    frame = envelopes.handle(orjson.dumps(snapshot).decode(), "linear")
+    assert isinstance(frame, DataFrame) and book.consistent and not book.shedding and book.u == 9
 
 
 def test_while_reading_late_a_book_goes_out_once_an_interval_as_its_newest_state() -> None:

@@ -229,3 +229,31 @@ def test_a_consumer_behind_paces_books_though_the_gateway_reads_on_time(
     assert pacing.behind  # paced at the base interval for a while yet: the full rate would build it again
     books.close()
     assert runner.stop() == 0
+
+
+def test_a_gateway_far_behind_resyncs_a_book_from_a_snapshot_and_its_consumer_stays_whole(
+    start_gateway, simulator, rabbit
+) -> None:
+    runner = start_gateway()
+    book, _ = subscription_create(
+        service_name="alpha", channel="orderbook", category="linear", symbol="BTCUSDT", depth=50
+    )
+    wait_for(lambda: status_of(book) == "active", message="active")
+    books = QueueReader(rabbit, "ws-gateway.alpha.orderbook")
+    books.wait(lambda m: len(m) >= 5, message="book events")
+    topic = ("linear", "orderbook.50.BTCUSDT")
+    simulator.call(simulator.sim.control.late(2_000, 2.0))  # frames read as if two seconds behind
+    counters = runner.gateway.counters
+    wait_for(lambda: counters.resyncs == 1, timeout=10, message="a resync")
+    wait_for(lambda: simulator.stats()["subscribes"]["linear:orderbook.50.BTCUSDT"] == 2, message="subscribed again")
+    local = runner.gateway.market.books[topic]
+    wait_for(lambda: local.consistent and not local.shedding, timeout=10, message="the book whole again")
+    count = len(books.messages)
+    books.wait(lambda m: len(m) > count + 5, message="book events after the resync")
+    first = next(n for n, b in enumerate(books.messages) if b["type"] == "snapshot")
+    u = books.messages[first]["u"]
+    for event in books.messages[first + 1 :]:  # what a consumer rebuilds stays whole throughout
+        assert event["type"] == "snapshot" or event["u"] == u + 1, (event["type"], event["u"], u)
+        u = event["u"]
+    books.close()
+    assert runner.stop() == 0

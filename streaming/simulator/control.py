@@ -7,6 +7,7 @@ The API listens on its own port, one request per connection, JSON in and out:
     POST /control/faults/refuse {"seconds": 3, "path": "/v5/public/linear"}  (path optional: all by default)
     POST /control/faults/reject_auth {"on": true}     POST /control/faults/ignore_requests {"seconds": 3}
     POST /control/faults/delay_pongs {"seconds": 1}   POST /control/faults/malformed {"kind": "invalid_json"}
+    POST /control/faults/late {"ms": 2000, "seconds": 3}
     (malformed kinds `order_without_category` and `wallet_without_account_type` go to private clients)
     POST /control/faults/gap {"category": "linear", "topic": "orderbook.50.BTCUSDT"}
     POST /control/faults/restart_book {...same...}    GET /control/stats
@@ -80,6 +81,7 @@ class Control:
             "/control/faults/reject_auth": lambda b: self.reject_auth(bool(b.get("on", True))),
             "/control/faults/ignore_requests": lambda b: self.ignore_requests(float(b.get("seconds", 5))),
             "/control/faults/delay_pongs": lambda b: self.delay_pongs(float(b.get("seconds", 1))),
+            "/control/faults/late": lambda b: self.late(int(b.get("ms", 2000)), float(b.get("seconds", 3))),
             "/control/faults/malformed": lambda b: self.send_malformed(
                 b.get("kind", "invalid_json"), b.get("category")
             ),
@@ -147,6 +149,11 @@ class Control:
         """
         self.simulator.faults.stalled_until = time.monotonic() + seconds
         asyncio.get_running_loop().call_later(seconds, self.simulator.feed.release_held)
+
+    async def late(self, ms: int, seconds: float) -> None:
+        """For `seconds`, stamp market frames `ms` in the past: what a client reading far behind sees."""
+        self.simulator.faults.late_ms = ms
+        self.simulator.faults.late_until = time.monotonic() + seconds
 
     async def refuse(self, seconds: float, path: str = "") -> None:
         """Answer new connections (to `path` only, if given) with HTTP 503 for `seconds`."""

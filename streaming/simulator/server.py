@@ -142,6 +142,8 @@ class Faults:
     ignore_requests_until: float = 0.0  # monotonic time; subscribe/unsubscribe go unanswered before it
     pong_delay: float = 0.0
     auth_rejected: bool = False
+    late_until: float = 0.0  # monotonic time; market frames are stamped `late_ms` in the past before it
+    late_ms: int = 0
 
     def is_stalled(self) -> bool:
         return time.monotonic() < self.stalled_until
@@ -212,7 +214,10 @@ class Feed:
     def publish(self, category: str, topic: str) -> bytes:
         """The next message of a topic, counted as sent, as a ready WebSocket frame."""
         self.sent[(category, topic)] += 1
-        return ws_frame(orjson.dumps(self.generator(category, topic).next()))
+        message = self.generator(category, topic).next()
+        if self.faults.late_until and time.monotonic() < self.faults.late_until:
+            message["ts"] -= self.faults.late_ms  # as a reader seconds behind on its socket sees them
+        return ws_frame(orjson.dumps(message))
 
     async def push(self) -> None:
         """Bybit's cadence for every subscribed topic, scaled by `rate`; skipped while stalled.
