@@ -153,6 +153,11 @@ def main(which: str) -> dict[str, Any]:
                 ),
             ),
             ("    delivered/s", overload["delivered_per_s"], f"{overload['conflated']} book/ticker frames conflated"),
+            (
+                "    books resynced",
+                overload["resyncs"],
+                f"far behind; {overload['skipped_resyncing']} of their deltas skipped meanwhile",
+            ),
             ("    p50 / p99 ms", f"{overload['p50_ms']} / {overload['p99_ms']}", "exchange ts -> consumer"),
             ("    read lag p99 ms", overload["read_lag_p99_ms"], "exchange ts -> frame read by the gateway"),
             ("    after the read p99 ms", overload["after_read_p99_ms"], "frame read by the gateway -> consumer"),

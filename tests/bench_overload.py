@@ -335,6 +335,9 @@ def run(events_per_s: float, seconds: float = 20.0, symbols: int = 200) -> dict[
         "books_crossed": tally["crossed"],
         "conflated_received": tally["conflated"],
         "conflated": after.get("conflated", 0) - before.get("conflated", 0),
+        # Books resynced because the gateway was far behind, and their deltas skipped meanwhile.
+        "resyncs": after.get("resyncs_behind", 0) - before.get("resyncs_behind", 0),
+        "skipped_resyncing": after.get("skipped_resyncing", 0) - before.get("skipped_resyncing", 0),
         "dropped": after["dropped"] - before["dropped"],
         "read_pauses": status_after["read_pauses"] - status_before["read_pauses"],
         "cpu_us_per_frame_in": round((cpu1 - cpu0) / max(1, after["frames_in"] - before["frames_in"]) * 1e6, 1),
