@@ -23,7 +23,7 @@ from typing import Any
 
 import orjson
 
-from streaming.marketstate import MarketState
+from streaming.marketstate import RESYNCING, MarketState
 from subscriptions.topics import CHANNEL_BY_BYBIT, Channel
 
 # Per-category private topics ("order.linear") route like their plain form.
@@ -98,7 +98,7 @@ class DataFrame:
 
 
 class Skipped:
-    """A delta of a book the gateway is resyncing while far behind (Gateway.shed): not even made a frame."""
+    """A delta of a book the gateway is resyncing while far behind (Gateway.shed): not applied, nor published."""
 
 
 SKIPPED = Skipped()
@@ -192,10 +192,6 @@ class Envelopes:
         data = msg.get("data")
         if data is None:
             return Malformed("missing data", topic)
-        if route.book and self.state is not None:
-            book = self.state.books.get(route.key)
-            if book is not None and book.shedding and msg.get("type") == "delta":
-                return SKIPPED
         state: dict[str, Any] = {}
         frame = DataFrame(topic, msg, route.event_class, category, route.symbol, route.param, trace_id, received_ts,
                           route.routing_key, state)  # fmt: skip
@@ -207,6 +203,8 @@ class Envelopes:
                     update = self.state.book(route.key, msg.get("type", "snapshot"), data)
                 except (KeyError, TypeError, ValueError, InvalidOperation):
                     return Malformed("orderbook data without u, b or a", topic)
+                if update is RESYNCING:
+                    return SKIPPED
                 state["consistent"] = frame.conflatable = update.consistent
                 if update.gap:
                     state["gap"] = {"expected_u": update.expected_u, "received_u": update.received_u}

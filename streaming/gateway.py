@@ -248,7 +248,7 @@ class Gateway:
 
         Seconds behind, reading and applying every delta of the backlog costs more CPU than the
         gateway has, so the delay only grows. Instead the topic is subscribed again, and until
-        its snapshot comes its deltas are skipped before they become frames (Envelopes): the
+        its snapshot comes its deltas are parsed and dropped (OrderBook.apply, Envelopes): the
         backlog goes by for the cost of parsing it, and the book is whole and fresh again.
         """
         behind_ms = self.handoff.pacing.above_usual(frame.received_ts, frame.parsed.get("ts"))

@@ -69,6 +69,7 @@ class BookUpdate:
 APPLIED = BookUpdate(True)
 REPLACED = BookUpdate(True, replaced=True)
 WAITING = BookUpdate(False)  # inconsistent since a gap: nothing applies until a snapshot
+RESYNCING = BookUpdate(False)  # the same, while the gateway resyncs it far behind: the delta is dropped
 
 
 class OrderBook:
@@ -97,7 +98,7 @@ class OrderBook:
             self.u, self.seq, self.consistent, self.shedding = u, data.get("seq"), True, False
             return REPLACED
         if not self.consistent:
-            return WAITING
+            return RESYNCING if self.shedding else WAITING
         if u != self.u + 1:  # type: ignore[operator]
             self.consistent = False
             return BookUpdate(False, gap=True, expected_u=self.u + 1, received_u=u)  # type: ignore[operator]
