@@ -98,17 +98,26 @@ def raw_pyamqp(n: int, window: int = 2000) -> dict[str, float]:
     return {"per_s": n / wall, "cpu_us": used / n * 1e6, "broker_cpu_us": broker_used / n * 1e6}
 
 
-def gateway_publisher(n: int) -> dict[str, float]:
-    """The gateway's Publisher on an event loop, fed from a full hand-off."""
+def gateway_publisher(n: int, per_s: int | None = None) -> dict[str, float]:
+    """The gateway's Publisher on the gateway's event loop, fed from a full hand-off or `per_s` events a second.
+
+    Fed at a rate, as the sockets feed it, each pass writes a few events, not BATCH: per event
+    that costs more than publishing a full hand-off.
+    """
     import asyncio
+
+    import uvloop
+    from django.conf import settings
 
     from streaming.envelope import Event
     from streaming.publisher import Handoff, Publisher
 
     setup()
     handoff = Handoff(n + 1)
-    for i in range(n):
-        handoff.put(Event(str(i), "t", "trade", KEY, BODY, False, "publicTrade.BTCUSDT", 1_700_000_000_000))
+    events = [Event(str(i), "t", "trade", KEY, BODY, False, "publicTrade.BTCUSDT", 1_700_000_000_000) for i in range(n)]
+    if per_s is None:
+        for event in events:
+            handoff.put(event)
 
     async def publish_all() -> float:
         publisher = Publisher(URL, handoff)
@@ -117,6 +126,15 @@ def gateway_publisher(n: int) -> dict[str, float]:
         while not publisher.connected:
             await asyncio.sleep(0.01)
         started = time.perf_counter()
+        if per_s is not None:
+            put = 0
+            while put < n:  # every millisecond, what is due
+                due = min(n, int((time.perf_counter() - started) * per_s))
+                for event in events[put:due]:
+                    handoff.put(event)
+                put = due
+                publisher.kick()
+                await asyncio.sleep(0.001)
         if not await publisher.flush(120):
             raise RuntimeError("publisher did not confirm everything")
         wall = time.perf_counter() - started
@@ -126,8 +144,16 @@ def gateway_publisher(n: int) -> dict[str, float]:
         return wall
 
     c0 = cpu()
-    wall = asyncio.run(publish_all())
+    wall = (uvloop.run if settings.GATEWAY_UVLOOP else asyncio.run)(publish_all())
     return {"per_s": n / wall, "cpu_us": (cpu() - c0) / n * 1e6}
+
+
+def publisher_at(per_s: int, seconds: float = 5.0) -> float:
+    """CPU us per event of the Publisher alone, fed `per_s` events a second: one end of (b)'s floor at (b)'s rate."""
+    try:
+        return round(gateway_publisher(int(per_s * seconds), per_s)["cpu_us"], 1)
+    finally:
+        teardown()
 
 
 def run(n: int = 30_000) -> dict[str, Any]:

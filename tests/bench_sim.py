@@ -20,6 +20,8 @@ from typing import Any
 
 from websockets.asyncio.client import connect
 
+from streaming.simulator.market import BOOK_INTERVALS
+
 ROOT = Path(__file__).resolve().parent.parent
 SYMBOLS = 60  # per category: 60 trades + 60 books + 60 tickers on linear
 
@@ -35,11 +37,11 @@ def topics() -> list[str]:
     return [f"publicTrade.{s}" for s in names] + [f"orderbook.50.{s}" for s in names] + [f"tickers.{s}" for s in names]
 
 
-def start_simulator(port: int, symbols: int = SYMBOLS) -> subprocess.Popen:
+def start_simulator(port: int, symbols: int = SYMBOLS, rate: str = "max") -> subprocess.Popen:
     env = {**os.environ, "DJANGO_SECRET_KEY": "bench", "LOG_LEVEL": "WARNING"}
     process = subprocess.Popen(
         [sys.executable, "manage.py", "bybit_simulator", "--port", str(port), "--control-port", str(free_port()),
-         "--rate", "max", "--symbols", str(symbols)],
+         "--rate", rate, "--symbols", str(symbols)],
         cwd=ROOT, env=env,
     )  # fmt: skip
     deadline = time.monotonic() + 20
@@ -165,10 +167,16 @@ async def receive_cpu_direct(port: int, symbols: int, seconds: float) -> float:
         return (time.process_time() - cpu0) / (frames - frames0) * 1e6
 
 
-def floor_receive(symbols: int = 200, seconds: float = 5.0, direct: bool = False) -> float:
-    """`receive_cpu` (or `receive_cpu_direct`) against its own simulator, as (b) runs it (`--rate max`)."""
+def floor_receive(symbols: int = 200, seconds: float = 5.0, direct: bool = False, per_s: int | None = None) -> float:
+    """`receive_cpu` (or `receive_cpu_direct`) against its own simulator: `per_s` frames a second, or as fast as read.
+
+    The rate matters: at (b)'s rate a read wakes up for fewer frames than at full speed, and a
+    frame costs 1.3x (websockets) to 2x (streaming.wsread) as much (measured on this machine).
+    """
     port = free_port()
-    process = start_simulator(port, symbols)
+    # `--rate 1` is Bybit's cadence: a linear 50-level book every 20 ms.
+    rate = "max" if per_s is None else f"{per_s * BOOK_INTERVALS['linear'][50] / symbols:.3f}"
+    process = start_simulator(port, symbols, rate)
     try:
         measure = receive_cpu_direct if direct else receive_cpu
         return round(asyncio.run(measure(port, symbols, seconds)), 2)
