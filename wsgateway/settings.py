@@ -301,7 +301,7 @@ GATEWAY_CONFLATE_MAX_INTERVAL_MS = env_int("GATEWAY_CONFLATE_MAX_INTERVAL_MS", 1
 GATEWAY_CONSUMER_BACKLOG = env_int("GATEWAY_CONSUMER_BACKLOG", 500, 0)
 # Far behind: while paced, a book delta read this many ms later than the usual read lag has the
 # topic resynced from a fresh snapshot, its queued deltas skipped meanwhile. 0: never.
-GATEWAY_SHED_LAG_MS = env_int("GATEWAY_SHED_LAG_MS", 250, 0)
+GATEWAY_SHED_LAG_MS = env_int("GATEWAY_SHED_LAG_MS", 100, 0)
 # Every queue and binding is declared again this often (and at once after a publisher reconnect
 # or a returned publish), so one deleted by an operator comes back by itself.
 GATEWAY_REDECLARE_INTERVAL = env_float("GATEWAY_REDECLARE_INTERVAL", 30.0, 0.1)
