@@ -133,9 +133,15 @@ class Subscriptions:
         requests += [self.request("unsubscribe", b, now) for b in batches(self.live - self.desired - unsubscribing)]
         return requests
 
-    def repair(self, topic: str, now: float) -> Request | None:
-        """Unsubscribe a live topic; its ack makes `sync()` subscribe it again, for a fresh snapshot."""
-        return self.request("unsubscribe", [topic], now) if topic in self.live else None
+    def repair(self, topics: Iterable[str], now: float) -> list[Request]:
+        """Unsubscribe live topics, ARGS_PER_REQUEST a request; each ack makes `sync()` subscribe them again.
+
+        Each then comes back with a fresh snapshot. Topics not live, or already being
+        unsubscribed, are left out.
+        """
+        unsubscribing = {t for r in self.in_flight.values() if r.op == "unsubscribe" for t in r.topics}
+        due = (t for t in topics if t in self.live and t not in unsubscribing)
+        return [self.request("unsubscribe", b, now) for b in batches(due)]
 
     def reply(self, msg: dict[str, Any], now: float) -> Outcome:
         """Settle the request a subscribe/unsubscribe reply answers; other replies mean nothing here."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from decimal import Decimal
 
+import orjson
 import pytest
 from rest_framework.test import APIClient
 
@@ -66,6 +67,36 @@ def test_a_gap_is_flagged_to_consumers_and_repaired_by_a_fresh_snapshot(start_ga
     books = runner.gateway.status()["books"]
     assert (books["gaps"], books["repairs"]) == (1, 1)
     reader.close()
+
+
+def test_books_resynced_at_once_are_unsubscribed_ten_a_request_and_all_come_back(start_gateway, simulator) -> None:
+    # A gateway far behind resyncs its books all at once (Gateway.shed): one request per book
+    # would be hundreds of requests to Bybit within a second.
+    runner = start_gateway()
+    books = [
+        subscription_create(service_name="alpha", channel="orderbook", category="linear", symbol=symbol, depth=depth)[0]
+        for symbol in ("BTCUSDT", "ETHUSDT", "SOLUSDT")
+        for depth in (1, 50, 200, 1000)
+    ]
+    topics = sorted(book.bybit_topic for book in books)
+    wait_for(lambda: all(simulator.sim.subscribes[("linear", t)] == 1 for t in topics), message="12 books live")
+    sockets = [sock for sock in runner.gateway.sockets.values() if sock.category == "linear"]
+    expected: list[int] = []
+    sent_before = len(simulator.sim.requests)
+
+    def resync_every_book() -> None:  # in one loop turn, as Gateway.shed does for books far behind
+        for sock in sockets:
+            expected.append(-(-len(sock.live) // 10))
+            for topic in sorted(sock.live):
+                sock.resubscribe(topic)
+
+    runner.gateway.loop.call_soon_threadsafe(resync_every_book)
+    wait_for(lambda: all(simulator.sim.subscribes[("linear", t)] == 2 for t in topics), message="every book again")
+    sent = [orjson.loads(r["raw"]) for r in simulator.sim.requests[sent_before:]]
+    unsubscribes = [r["args"] for r in sent if r.get("op") == "unsubscribe"]
+    assert len(unsubscribes) == sum(expected) < len(topics)
+    assert sorted(topic for args in unsubscribes for topic in args) == topics
+    assert all(len(args) <= 10 for args in unsubscribes)
 
 
 def test_a_u_1_restart_replaces_the_book_without_a_gap(start_gateway, simulator, rabbit) -> None:

@@ -115,15 +115,29 @@ def test_replies_without_req_id_match_requests_in_order() -> None:
 def test_a_repair_unsubscribes_then_resubscribes_the_topic() -> None:
     core = Subscriptions()
     subscribed(core, {"book", "other"})
-    repair = core.repair("book", 1.0)
-    assert repair is not None and (repair.op, repair.topics) == ("unsubscribe", ("book",))
-    assert core.repair("not-live", 1.0) is None
+    (repair,) = core.repair(["book", "not-live"], 1.0)
+    assert (repair.op, repair.topics) == ("unsubscribe", ("book",))
+    assert core.repair(["book"], 1.0) == []  # already being unsubscribed
     outcome = core.reply(ack(repair, ret_msg="unsubscribe"), 1.1)
     assert outcome.sync
     assert core.live == {"other"}
     (again,) = core.sync(1.2)
     assert (again.op, again.topics) == ("subscribe", ("book",))
     assert core.reply(ack(again), 1.3).acked == ("book",)
+
+
+def test_many_repairs_at_once_go_ten_topics_a_request_and_all_come_back() -> None:
+    core = Subscriptions()
+    books = {f"orderbook.50.SYM{i:04d}USDT" for i in range(25)}
+    subscribed(core, books | {"tickers.BTCUSDT"})
+    repairs = core.repair(sorted(books), 1.0)
+    assert [len(r.topics) for r in repairs] == [10, 10, 5]
+    assert {t for r in repairs for t in r.topics} == books
+    for repair in repairs:
+        assert core.reply(ack(repair, ret_msg="unsubscribe"), 1.1).sync
+    again = core.sync(1.2)
+    assert all(r.op == "subscribe" and len(r.topics) <= 10 for r in again)
+    assert {t for r in again for t in r.topics} == books
 
 
 def test_a_topic_unwanted_while_in_flight_is_unsubscribed_after_its_ack() -> None:
