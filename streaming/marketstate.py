@@ -76,9 +76,11 @@ class OrderBook:
     __slots__ = ("ask_prices", "asks", "bid_prices", "bids", "consistent", "seq", "shed_at", "shedding", "u")
 
     def __init__(self) -> None:
-        # price -> [price as Bybit wrote it, size]: the top of the book renders with no conversion.
-        self.bids: dict[float, list[str]] = {}
-        self.asks: dict[float, list[str]] = {}
+        # price -> (price as Bybit wrote it, size): the top of the book renders with no conversion.
+        # Tuples, not lists: the collector stops tracking a tuple of strings, so tens of thousands
+        # of levels are not walked by every collection (a full one: 46 -> 32 ms, 200 books).
+        self.bids: dict[float, tuple[str, str]] = {}
+        self.asks: dict[float, tuple[str, str]] = {}
         self.bid_prices: list[float] = []  # ascending, like ask_prices
         self.ask_prices: list[float] = []
         self.u: int | None = None
@@ -92,8 +94,8 @@ class OrderBook:
         """Apply one message; a gap leaves the book inconsistent until a snapshot arrives."""
         u = data["u"]
         if kind == "snapshot" or u == 1:
-            self.bids = {float(p): [p, s] for p, s in data["b"]}
-            self.asks = {float(p): [p, s] for p, s in data["a"]}
+            self.bids = {float(p): (p, s) for p, s in data["b"]}
+            self.asks = {float(p): (p, s) for p, s in data["a"]}
             self.bid_prices, self.ask_prices = sorted(self.bids), sorted(self.asks)
             self.u, self.seq, self.consistent, self.shedding = u, data.get("seq"), True, False
             return REPLACED
@@ -109,18 +111,15 @@ class OrderBook:
                     if side.pop(key, None) is not None:
                         del prices[bisect_left(prices, key)]
                 elif key in side:
-                    side[key][1] = size
+                    side[key] = (price, size)
                 else:
                     insort(prices, key)
-                    side[key] = [price, size]
+                    side[key] = (price, size)
         self.u, self.seq = u, data.get("seq")
         return APPLIED
 
-    def top(self, n: int) -> tuple[list[list[str]], list[list[str]]]:
-        """The best `n` levels a side, as Bybit writes them: bids high to low, asks low to high.
-
-        The levels are the book's own lists, not copies: serialize them before the next apply.
-        """
+    def top(self, n: int) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+        """The best `n` (price, size) levels a side, as Bybit writes them: bids high to low, asks low to high."""
         bids = self.bid_prices[: -n - 1 : -1] if n else []
         asks = self.ask_prices[:n]
         bid_levels, ask_levels = self.bids, self.asks

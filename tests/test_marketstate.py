@@ -52,7 +52,7 @@ def test_book_ticker_and_trade_frames_mark_their_cached_values() -> None:
     for frame in (book, ticker, trade):
         assert state.keep(feed(state, frame)) is False
     marks = state.cache.dirty  # type: ignore[union-attr]
-    assert marks[book_key("p:", "linear", "BTCUSDT", 50)]()["b"] == [["1", "2"]]
+    assert marks[book_key("p:", "linear", "BTCUSDT", 50)]()["b"] == [("1", "2")]
     assert marks[ticker_key("p:", "linear", "BTCUSDT")]() == {"data": {"lastPrice": "2"}, "exchange_ts": 6}
     assert marks[trade_key("p:", "linear", "BTCUSDT")]()["data"] == {"p": "2"}
 

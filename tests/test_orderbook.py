@@ -38,7 +38,7 @@ class NaiveBook:
     def top(self, n: int) -> tuple[list, list]:
         bids = sorted(self.bids, key=lambda level: Decimal(level[0]), reverse=True)[:n]
         asks = sorted(self.asks, key=lambda level: Decimal(level[0]))[:n]
-        return bids, asks
+        return [tuple(level) for level in bids], [tuple(level) for level in asks]
 
 
 def dedupe(changes: list) -> list:
@@ -66,7 +66,7 @@ def test_price_keys_are_decimal_safe() -> None:
     book = OrderBook()
     book.apply("snapshot", {"b": [["100.5", "1"]], "a": [["101", "1"]], "u": 5})
     book.apply("delta", {"b": [["100.50", "0"]], "a": [], "u": 6})
-    assert book.top(5) == ([], [["101", "1"]])
+    assert book.top(5) == ([], [("101", "1")])
 
 
 def test_a_skipped_update_id_is_a_gap_until_the_next_snapshot() -> None:
@@ -85,7 +85,7 @@ def test_u_equal_one_is_a_restart_not_a_gap() -> None:
     book.apply("snapshot", {"b": [["1", "1"]], "a": [], "u": 500})
     restart = book.apply("delta", {"b": [["5", "2"]], "a": [], "u": 1})
     assert restart.consistent and restart.replaced and not restart.gap
-    assert book.top(5) == ([["5", "2"]], [])
+    assert book.top(5) == ([("5", "2")], [])
 
 
 def test_depth_one_resent_snapshot_with_the_same_u_is_not_a_gap() -> None:
