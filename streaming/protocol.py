@@ -127,8 +127,7 @@ class Subscriptions:
 
     def sync(self, now: float) -> list[Request]:
         """Subscribe what is wanted and unsubscribe what is not, except topics already in flight."""
-        subscribing = {t for r in self.in_flight.values() if r.op == "subscribe" for t in r.topics}
-        unsubscribing = {t for r in self.in_flight.values() if r.op == "unsubscribe" for t in r.topics}
+        subscribing, unsubscribing = self.in_flight_topics("subscribe"), self.in_flight_topics("unsubscribe")
         requests = [self.request("subscribe", b, now) for b in batches(self.desired - self.live - subscribing)]
         requests += [self.request("unsubscribe", b, now) for b in batches(self.live - self.desired - unsubscribing)]
         return requests
@@ -139,9 +138,12 @@ class Subscriptions:
         Each then comes back with a fresh snapshot. Topics not live, or already being
         unsubscribed, are left out.
         """
-        unsubscribing = {t for r in self.in_flight.values() if r.op == "unsubscribe" for t in r.topics}
+        unsubscribing = self.in_flight_topics("unsubscribe")
         due = (t for t in topics if t in self.live and t not in unsubscribing)
         return [self.request("unsubscribe", b, now) for b in batches(due)]
+
+    def in_flight_topics(self, op: str) -> set[str]:
+        return {t for r in self.in_flight.values() if r.op == op for t in r.topics}
 
     def reply(self, msg: dict[str, Any], now: float) -> Outcome:
         """Settle the request a subscribe/unsubscribe reply answers; other replies mean nothing here."""
