@@ -145,6 +145,22 @@ def test_body_larger_than_a_frame_arrives_whole(rabbit: str, channel: amqp.Chann
     assert len(orjson.loads(message.body)["pad"]) == 1_000_000
 
 
+def test_market_events_wait_out_the_write_gap_and_a_private_one_does_not() -> None:
+    async def kicks() -> tuple[bool, bool, bool]:
+        handoff = Handoff(100)
+        publisher = Publisher("amqp://guest:guest@127.0.0.1:5672/", handoff)
+        publisher.written_at = asyncio.get_running_loop().time()  # it has just written
+        handoff.put(make_event(1))
+        publisher.kick()
+        market_waits = publisher.delayed is not None
+        handoff.put(make_event(2, private=True))
+        publisher.kick()
+        await asyncio.sleep(0)  # one loop turn: the pass has run, not WRITE_GAP later
+        return market_waits, publisher.delayed is None, publisher.scheduled
+
+    assert asyncio.run(kicks()) == (True, True, False)
+
+
 def test_full_handoff_drops_oldest_market_data_and_keeps_private() -> None:
     """Market events beyond the limit push out the oldest; private events are never dropped."""
     handoff = Handoff(3)
