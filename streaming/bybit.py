@@ -231,7 +231,6 @@ class BybitSocket:
         self.desired = self.subscriptions.desired
         self.live = self.subscriptions.live
         self.kick = asyncio.Event()
-        self.repairs: set[str] = set()  # topics to resubscribe at the end of this loop turn
         self.stopping = asyncio.Event()
         self.ws: ClientConnection | None = None
         self.state = "idle"
@@ -435,19 +434,12 @@ class BybitSocket:
                 asyncio.get_running_loop().create_task(self.ws.send(request.text()))
 
     def resubscribe(self, topic: str) -> None:
-        """Unsubscribe and subscribe again, for a fresh snapshot (an order-book gap, a book far behind).
-
-        The topics asked for within one loop turn go together, ARGS_PER_REQUEST a request: a
-        gateway far behind resyncs hundreds of books at once.
-        """
-        if self.ws is None:
-            return
-        if not self.repairs:
+        """Unsubscribe and subscribe again, for a fresh snapshot; the topics of one loop turn go together."""
+        if self.ws is not None and self.subscriptions.ask_repair(topic):
             asyncio.get_running_loop().call_soon(self.send_repairs)
-        self.repairs.add(topic)
 
     def send_repairs(self) -> None:
-        topics, self.repairs = self.repairs, set()
+        requests = self.subscriptions.repair_asked(time.monotonic())
         if self.ws is not None:
-            for request in self.subscriptions.repair(topics, time.monotonic()):
+            for request in requests:
                 asyncio.get_running_loop().create_task(self.ws.send(request.text()))

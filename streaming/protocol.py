@@ -115,6 +115,7 @@ class Subscriptions:
         self.live: set[str] = set()
         self.in_flight: dict[str, Request] = {}  # by req_id, in the order sent
         self.resent: set[str] = set()  # req_ids sent more than once: a second reply may come
+        self.repairs: set[str] = set()  # topics asked to be resubscribed in this loop turn
         self.deadline = deadline
         self.resends = resends
         self.req_ids = itertools.count(1)
@@ -141,6 +142,17 @@ class Subscriptions:
         unsubscribing = self.in_flight_topics("unsubscribe")
         due = (t for t in topics if t in self.live and t not in unsubscribing)
         return [self.request("unsubscribe", b, now) for b in batches(due)]
+
+    def ask_repair(self, topic: str) -> bool:
+        """Note a topic to resubscribe; True for the first since the last `repair_asked()` (send them then)."""
+        first = not self.repairs
+        self.repairs.add(topic)
+        return first
+
+    def repair_asked(self, now: float) -> list[Request]:
+        """`repair()` every topic asked for since the last call: a gateway far behind asks for hundreds at once."""
+        topics, self.repairs = self.repairs, set()
+        return self.repair(topics, now)
 
     def in_flight_topics(self, op: str) -> set[str]:
         return {t for r in self.in_flight.values() if r.op == op for t in r.topics}

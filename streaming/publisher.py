@@ -768,6 +768,41 @@ class Connector:
         return protocol
 
 
+class Passes:
+    """When the next publishing pass runs: once however many kicks, and market events at most once per WRITE_GAP.
+
+    Each write to RabbitMQ's socket wakes the broker, and a loop reading 40,000 frames a second
+    would otherwise write a few events a time. A pass with a private event waiting runs in this
+    loop tick, whatever waits.
+    """
+
+    __slots__ = ("delayed", "pump", "scheduled", "written_at")
+
+    def __init__(self, pump: Callable[[], None]) -> None:
+        self.pump = pump
+        self.scheduled = False
+        self.delayed: asyncio.TimerHandle | None = None  # a pass waiting out WRITE_GAP
+        self.written_at = 0.0  # loop time of the last write
+
+    def ask(self, private: bool) -> None:
+        if self.scheduled:
+            if self.delayed is not None and private:
+                self.delayed.cancel()
+                self.delayed = None
+                asyncio.get_running_loop().call_soon(self.pump)
+            return
+        loop = asyncio.get_running_loop()
+        self.scheduled = True
+        wait = self.written_at + WRITE_GAP - loop.time()
+        if wait > 0 and not private:
+            self.delayed = loop.call_later(wait, self.pump)
+        else:
+            loop.call_soon(self.pump)
+
+    def started(self) -> None:
+        self.scheduled, self.delayed = False, None
+
+
 class Publisher:
     """Owns the AMQP connection of the data path; `run()` keeps it up until stopped."""
 
@@ -796,9 +831,7 @@ class Publisher:
         self.protocol: AmqpProtocol | None = None
         self.channel_id = 1
         self.frame_max = FRAME_MAX
-        self.scheduled = False
-        self.delayed: asyncio.TimerHandle | None = None  # a pass waiting out WRITE_GAP
-        self.written_at = 0.0  # loop time of the last write
+        self.passes = Passes(self.pump)
         self.retry_timer: asyncio.TimerHandle | None = None
         self.retry_timer_at = 0.0
         self.settled_event = asyncio.Event()
@@ -854,25 +887,8 @@ class Publisher:
         return oldest
 
     def kick(self) -> None:
-        """Publish what is waiting, later in this loop tick (once, however many kicks).
-
-        Market events wait for WRITE_GAP after the last write: each write to RabbitMQ's socket
-        wakes the broker, and a loop reading 40,000 frames a second would otherwise write a few
-        events a time. A private event is written in this tick, whatever waits.
-        """
-        if self.scheduled:
-            if self.delayed is not None and self.handoff.private:
-                self.delayed.cancel()
-                self.delayed = None
-                asyncio.get_running_loop().call_soon(self.pump)
-            return
-        loop = asyncio.get_running_loop()
-        self.scheduled = True
-        wait = self.written_at + WRITE_GAP - loop.time()
-        if wait > 0 and not self.handoff.private:
-            self.delayed = loop.call_later(wait, self.pump)
-        else:
-            loop.call_soon(self.pump)
+        """Publish what is waiting: in this loop tick, or for market events alone after WRITE_GAP (Passes)."""
+        self.passes.ask(bool(self.handoff.private))
 
     @property
     def drained(self) -> bool:
@@ -914,7 +930,7 @@ class Publisher:
 
     def pump(self) -> None:
         """Write waiting events, up to the confirm window and BATCH per pass: private lanes first."""
-        self.scheduled, self.delayed = False, None
+        self.passes.started()
         protocol = self.protocol
         if protocol is None or not protocol.writable:
             return
@@ -949,7 +965,7 @@ class Publisher:
             confirms.sent(events)
         if frames:
             protocol.transport.write(b"".join(frames))  # type: ignore[union-attr]
-            self.written_at = asyncio.get_running_loop().time()
+            self.passes.written_at = asyncio.get_running_loop().time()
         if more or len(frames) >= BATCH:
             self.kick()  # more may wait: let acks and readers in first, then go on
         if confirms.busy:

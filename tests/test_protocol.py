@@ -130,7 +130,8 @@ def test_many_repairs_at_once_go_ten_topics_a_request_and_all_come_back() -> Non
     core = Subscriptions()
     books = {f"orderbook.50.SYM{i:04d}USDT" for i in range(25)}
     subscribed(core, books | {"tickers.BTCUSDT"})
-    repairs = core.repair(sorted(books), 1.0)
+    assert [core.ask_repair(t) for t in sorted(books)] == [True] + [False] * 24  # one send for them all
+    repairs = core.repair_asked(1.0)
     assert [len(r.topics) for r in repairs] == [10, 10, 5]
     assert {t for r in repairs for t in r.topics} == books
     for repair in repairs:

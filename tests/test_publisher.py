@@ -149,14 +149,14 @@ def test_market_events_wait_out_the_write_gap_and_a_private_one_does_not() -> No
     async def kicks() -> tuple[bool, bool, bool]:
         handoff = Handoff(100)
         publisher = Publisher("amqp://guest:guest@127.0.0.1:5672/", handoff)
-        publisher.written_at = asyncio.get_running_loop().time()  # it has just written
+        publisher.passes.written_at = asyncio.get_running_loop().time()  # it has just written
         handoff.put(make_event(1))
         publisher.kick()
-        market_waits = publisher.delayed is not None
+        market_waits = publisher.passes.delayed is not None
         handoff.put(make_event(2, private=True))
         publisher.kick()
         await asyncio.sleep(0)  # one loop turn: the pass has run, not WRITE_GAP later
-        return market_waits, publisher.delayed is None, publisher.scheduled
+        return market_waits, publisher.passes.delayed is None, publisher.passes.scheduled
 
     assert asyncio.run(kicks()) == (True, True, False)
 
